@@ -1,0 +1,22 @@
+"""Exceptions for mistakes a user can fix.
+
+Each message is one line that names the input and says what to do. The CLI prints
+these without a traceback and exits non-zero; anything else is a bug and keeps its
+traceback.
+"""
+
+
+class DerisRerankError(Exception):
+    """Base class for user-facing errors (bad input, missing or wrong files)."""
+
+
+class CheckpointError(DerisRerankError):
+    """A checkpoint is missing, unsafe to read, or does not fit the model."""
+
+
+class InputError(DerisRerankError):
+    """An input tensor, image or text does not have the expected form."""
+
+
+class OutputError(DerisRerankError):
+    """An output file or folder cannot be written."""

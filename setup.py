@@ -1,0 +1,28 @@
+"""Install deris-rerank: `pip install -e .` (add `[test]` for the test suite)."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = {}
+exec((HERE / "deris_rerank" / "version.py").read_text(), VERSION)
+
+setup(
+    name="deris-rerank",
+    version=VERSION["__version__"],
+    description="DeRIS referring segmentation in plain PyTorch, re-ranked by the Venice-H1 failure gate",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["deris_rerank", "deris_rerank.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.23",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+    },
+    entry_points={"console_scripts": ["deris-rerank=deris_rerank.cli:main"]},
+)

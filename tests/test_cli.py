@@ -1,0 +1,35 @@
+import json
+import subprocess
+import sys
+
+import torch
+
+from deris_rerank.gate import load_gate
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "deris_rerank", *map(str, args)], capture_output=True, text=True)
+
+
+def test_convert_gate_writes_an_equivalent_safetensors_gate(tmp_path, venice_dir):
+    result = run_cli("convert-gate", venice_dir / "v3_hf_style.pt", tmp_path / "gate", "--tau", "0.7")
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "gate.json").read_text())
+    assert settings["rule"]["tau"] == 0.7 and settings["config"]["flavour"] == "released"
+    converted, original = load_gate(tmp_path / "gate.safetensors"), load_gate(venice_dir / "v3_hf_style.pt")
+    for key, value in original.state_dict().items():
+        assert torch.equal(value, converted.state_dict()[key])
+
+
+def test_user_mistakes_give_one_line_and_nonzero_exit(tmp_path):
+    result = run_cli("convert-gate", tmp_path / "missing.pt", tmp_path / "out")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith("deris-rerank: error:") and "missing.pt" in lines[0]
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_version_flag():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("deris-rerank ")
