@@ -1,0 +1,171 @@
+"""DeRIS model configuration and the named presets of the official checkpoints.
+
+Sizes that upstream hard-codes (3 feature levels, 4 sampling points, GroupNorm 32,
+8 attention heads in the pixel decoder, decoder, loopback and aligner, aligner FFN 512,
+aligner depth 3) are fields here too, with upstream's values as defaults, so a small
+preset is the same model class with other numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Tuple
+
+from ..errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class SwinConfig:
+    """mmseg-style Swin Transformer (the perception backbone)."""
+
+    embed_dim: int = 128
+    depths: Tuple[int, ...] = (2, 2, 18, 2)
+    num_heads: Tuple[int, ...] = (4, 8, 16, 32)
+    window_size: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 4
+    in_chans: int = 3
+
+    @property
+    def stage_dims(self) -> Tuple[int, ...]:
+        """Channels of res2..res5: embed_dim * (1, 2, 4, 8)."""
+        return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
+
+
+@dataclass(frozen=True)
+class Beit3Config:
+    """Multiway BEiT-3 encoder (the cognition branch)."""
+
+    embed_dim: int = 1024
+    num_heads: int = 16
+    ffn_dim: int = 4096
+    num_layers: int = 24
+    vocab_size: int = 64010
+    img_size: int = 224
+    patch_size: int = 16
+    max_text_positions: int = 1024
+    layernorm_eps: float = 1e-5
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class DerisConfig:
+    """A whole DeRIS model. `hidden_dim` is C: pixel-decoder conv/mask dim and decoder width."""
+
+    name: str = "custom"
+    swin: SwinConfig = field(default_factory=SwinConfig)
+    beit3: Beit3Config = field(default_factory=Beit3Config)
+    hidden_dim: int = 256
+    num_queries: int = 10
+    max_tokens: int = 20
+    image_size: int = 384  # perception (Swin) input side
+    score_threshold: float = 0.9  # DeRIS's own answer: union of candidates with score > this
+    mask_threshold: float = 0.5
+    num_heads: int = 8
+    pixel_decoder_layers: int = 6
+    pixel_decoder_ffn: int = 1024
+    num_feature_levels: int = 3
+    num_points: int = 4
+    group_norm_groups: int = 32
+    decoder_layers: int = 3
+    decoder_ffn: int = 2048
+    aligner_layers: int = 3
+    aligner_ffn: int = 512
+
+    @property
+    def image_size_lo(self) -> int:
+        """Cognition (BEiT-3) input side."""
+        return self.beit3.img_size
+
+    @property
+    def loopback_rounds(self) -> int:
+        """One round on the initial queries plus one after each decoder layer."""
+        return self.decoder_layers + 1
+
+    @classmethod
+    def preset(cls, name: str) -> "DerisConfig":
+        """One of `PRESETS`: deris-l-refcoco, deris-b-refcoco, deris-l-grefcoco, deris-b-grefcoco."""
+        key = name.lower()
+        if key not in PRESETS:
+            raise CheckpointError(f"unknown DeRIS preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        return PRESETS[key]
+
+    @classmethod
+    def from_fixture(cls, fixture_config: Mapping[str, Any]) -> "DerisConfig":
+        """The downsized configuration of a parity fixture's `config.json`.
+
+        Reads `model_config_passed_to_build_model` and `shrink_choices`.
+        """
+        model = fixture_config["model_config_passed_to_build_model"]
+        shrink = fixture_config["shrink_choices"]
+        swin = next(v for k, v in shrink.items() if k.startswith("swin_builder_replacement"))
+        beit = shrink["beit3_EncoderConfig_effective"]
+        hidden = next(v for k, v in shrink.items() if k.startswith("hidden_dim"))
+        decoder_ffn = next(v for k, v in shrink.items() if k.startswith("decoder_dim_feedforward"))
+        pixel_ffn = next(v for k, v in shrink.items() if k.startswith("pixel_decoder_dim_feedforward"))
+        aligner = next(v for k, v in shrink.items() if k.startswith("MultiGrainAligner"))
+        return cls(
+            name=f"fixture-{fixture_config.get('fixture', '?')}",
+            swin=SwinConfig(
+                embed_dim=swin["embed_dim"],
+                depths=tuple(swin["depths"]),
+                num_heads=tuple(swin["num_heads"]),
+                window_size=swin["window_size"],
+                mlp_ratio=swin["mlp_ratio"],
+                patch_size=swin["patch_size"],
+            ),
+            beit3=Beit3Config(
+                embed_dim=beit["encoder_embed_dim"],
+                num_heads=beit["encoder_attention_heads"],
+                ffn_dim=beit["encoder_ffn_embed_dim"],
+                num_layers=beit["encoder_layers"],
+                vocab_size=beit["vocab_size"],
+                img_size=beit["img_size"],
+                patch_size=beit["patch_size"],
+                max_text_positions=beit["max_source_positions"],
+                layernorm_eps=beit["layernorm_eps"],
+            ),
+            hidden_dim=hidden,
+            num_queries=shrink["num_queries"],
+            max_tokens=shrink["max_token"],
+            image_size=shrink["img_size"],
+            score_threshold=model["post_params"]["score_threshold"],
+            mask_threshold=model["post_params"]["mask_threshold"],
+            pixel_decoder_layers=shrink["pixel_decoder_transformer_enc_layers"],
+            pixel_decoder_ffn=pixel_ffn,
+            decoder_layers=shrink["dec_layers"],
+            decoder_ffn=decoder_ffn,
+            aligner_layers=aligner["layers"],
+            aligner_ffn=aligner["ffn"],
+        )
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "DerisConfig":
+        """Inverse of `to_dict`."""
+        data = dict(data)
+        swin = data.pop("swin", {})
+        swin = SwinConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in swin.items()})
+        return cls(swin=swin, beit3=Beit3Config(**data.pop("beit3", {})), **data)
+
+
+_SWIN_B = SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12)
+_SWIN_S = SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7)
+_BEIT3_LARGE = Beit3Config(embed_dim=1024, num_heads=16, ffn_dim=4096, num_layers=24)
+_BEIT3_BASE = Beit3Config(embed_dim=768, num_heads=12, ffn_dim=3072, num_layers=12)
+
+# DeRIS-L uses Swin-B and BEiT-3 large; DeRIS-B uses Swin-S and BEiT-3 base (see the manifests).
+PRESETS: Dict[str, DerisConfig] = {
+    "deris-l-refcoco": DerisConfig("deris-l-refcoco", _SWIN_B, _BEIT3_LARGE),
+    "deris-b-refcoco": DerisConfig("deris-b-refcoco", _SWIN_S, _BEIT3_BASE),
+    "deris-l-grefcoco": DerisConfig("deris-l-grefcoco", _SWIN_B, _BEIT3_LARGE, num_queries=20, max_tokens=50),
+    "deris-b-grefcoco": DerisConfig(
+        "deris-b-grefcoco", _SWIN_S, _BEIT3_BASE, num_queries=20, max_tokens=50, score_threshold=0.7
+    ),
+}
