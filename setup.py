@@ -20,6 +20,9 @@ setup(
         "torch>=2.1",
         "numpy>=1.23",
         "safetensors>=0.4",
+        "pillow>=9",
+        "opencv-python-headless>=4.8",
+        "sentencepiece>=0.1.99",
     ],
     extras_require={
         "test": ["pytest>=7"],

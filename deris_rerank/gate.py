@@ -33,9 +33,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoints import describe_key_mismatch, read_json, read_safetensors, read_torch_file
+from .checkpoints import state_dict_mismatch
 from .errors import CheckpointError, InputError, OutputError
-from .fileio import atomic_write
+from .fileio import atomic_write, read_json, read_safetensors, read_torch_file
 from .signatures import GRID_SIGNATURE_DIM
 
 FORMAT_NAME = "deris-rerank-gate"
@@ -347,15 +347,9 @@ def _rule_from_settings(flavour: str, settings: Mapping[str, Any], overrides: Ma
 
 def _build(config: GateConfig, rule: DecisionRule, state: Mapping[str, torch.Tensor], path: Path) -> VeniceGate:
     gate = GATE_CLASSES[config.flavour](config, rule)
-    expected = {k: tuple(v.shape) for k, v in gate.state_dict().items()}
-    given = {k: tuple(v.shape) for k, v in state.items()}
-    missing = {k: s for k, s in expected.items() if k not in given}
-    unexpected = {k: s for k, s in given.items() if k not in expected}
-    wrong = [f"{k}: expected {list(expected[k])}, found {list(given[k])}" for k in expected if k in given and expected[k] != given[k]]
-    if missing or unexpected or wrong:
-        detail = describe_key_mismatch(missing, unexpected)
-        detail = "; ".join(filter(None, [detail, "shape mismatch: " + ", ".join(wrong[:6]) if wrong else ""]))
-        raise CheckpointError(f"{path} does not fit a {config.flavour} Venice-H1 gate: {detail}")
+    mismatch = state_dict_mismatch(gate.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"{path} does not fit a {config.flavour} Venice-H1 gate: {mismatch}")
     gate.load_state_dict(state, strict=True)
     return gate.eval()
 

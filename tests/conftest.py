@@ -1,15 +1,37 @@
 """Shared fixtures: where the upstream reference material lives, and loaders for it."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Dict, Iterable, Mapping, TypeVar
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from deris_rerank.deris.config import DerisConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("DERIS_RERANK_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
+
+T = TypeVar("T")
+
+
+def submodule_state(state: Mapping[str, T], prefix: str, drop: Iterable[str] = ()) -> Dict[str, T]:
+    """The entries of `state` whose key starts with `prefix`, keyed by the rest of the key, in order.
+
+    A key is left out when its stripped name equals one of the names in `drop` or ends with
+    "." + one of them: drop=("relative_position_index",) leaves out every Swin block's index
+    buffer, drop=("vision_embed.mask_token",) that one BEiT-3 entry. The values are not copied.
+    """
+    drop = tuple(drop)
+    stripped = ((key[len(prefix):], value) for key, value in state.items() if key.startswith(prefix))
+    return {
+        name: value
+        for name, value in stripped
+        if not any(name == item or name.endswith("." + item) for item in drop)
+    }
 
 
 def pytest_configure(config):
@@ -50,3 +72,40 @@ def venice_inputs(venice_dir):
 def venice_signatures(venice_dir):
     """Reference mask_stats [6,10,4] and grid_signatures [6,10,675], float64."""
     return load_file(str(venice_dir / "signatures.safetensors"))
+
+
+# The parity fixture: a downsized upstream DeRIS, its weights, inputs and recorded outputs.
+# Session-scoped and shared by several modules: tests must not modify these tensors in place.
+
+
+@pytest.fixture(scope="session")
+def parity_dir(reference_dir) -> Path:
+    """The `parity_small_A` folder (config.json, state_dict/inputs/outputs.safetensors)."""
+    path = reference_dir / "parity_small_A"
+    if not path.is_dir():
+        pytest.skip(f"parity fixture not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def parity_config(parity_dir) -> DerisConfig:
+    """The fixture's downsized DerisConfig, read from its config.json."""
+    return DerisConfig.from_fixture(json.loads((parity_dir / "config.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def parity_state(parity_dir):
+    """The fixture's full state dict under upstream's key names (float64, int64 index buffers)."""
+    return load_file(str(parity_dir / "state_dict.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def parity_inputs(parity_dir):
+    """Fixture inputs: img [2,3,384,384], img_mini [2,3,224,224], ref_expr_inds, text_attention_mask, ..."""
+    return load_file(str(parity_dir / "inputs.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def parity_outputs(parity_dir):
+    """Upstream's recorded intermediate and final tensors for the fixture inputs, by name."""
+    return load_file(str(parity_dir / "outputs.safetensors"))

@@ -33,3 +33,17 @@ def test_user_mistakes_give_one_line_and_nonzero_exit(tmp_path):
 def test_version_flag():
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("deris-rerank ")
+
+
+
+def test_convert_refuses_a_checkpoint_that_fits_no_preset(tmp_path, reference_dir):
+    from safetensors.torch import load_file
+
+    state = load_file(str(reference_dir / "parity_small_A" / "state_dict.safetensors"))
+    torch.save({"state_dict": state}, tmp_path / "deris.pth")
+    result = run_cli("convert", tmp_path / "deris.pth", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no DeRIS preset has BEiT-3 width 64" in result.stderr
+    assert not (tmp_path / "out").exists()
+    result = run_cli("convert", tmp_path / "deris.pth", tmp_path / "out", "--preset", "deris-b-refcoco")
+    assert result.returncode == 2 and "does not fit DeRIS config 'deris-b-refcoco'" in result.stderr

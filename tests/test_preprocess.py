@@ -1,0 +1,360 @@
+import warnings
+
+import cv2
+import numpy as np
+import pytest
+import sentencepiece
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+
+from deris_rerank.errors import CheckpointError, InputError
+from deris_rerank.preprocess import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    UNK_ID,
+    Beit3Tokenizer,
+    clean_text,
+    deris_answer_mask,
+    load_image,
+    prepare_images,
+    refer_scores,
+    resize_mask_nearest,
+)
+
+SCORE_THRESHOLD = 0.9  # DeRIS-L refcoco config, used to build the fixture's masks
+
+CORPUS = [
+    "the man on the left",
+    "a woman in a red shirt standing near the window",
+    "the little boy with the orange shirt",
+    "dog sitting on the right side of the couch",
+    "second car from the left behind the truck",
+    "white plate near the blue cup on the table",
+    "person wearing blue jeans and a black jacket",
+    "the giraffe behind the tree",
+    "black cat under the wooden table",
+]
+
+
+@pytest.fixture(scope="module")
+def fixture_inputs(reference_dir):
+    return load_file(str(reference_dir / "parity_small_A" / "inputs.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def fixture_outputs(reference_dir):
+    return load_file(str(reference_dir / "parity_small_A" / "outputs.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def spm_model_path(tmp_path_factory):
+    """A tiny BPE sentencepiece model with the XLM-R layout (unk 0, bos 1, eos 2)."""
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 30), encoding="utf-8")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder / "toy"),
+        vocab_size=150,
+        model_type="bpe",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return folder / "toy.model"
+
+
+@pytest.fixture(scope="module")
+def spm_processor(spm_model_path):
+    return sentencepiece.SentencePieceProcessor(model_file=str(spm_model_path))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spm_model_path):
+    return Beit3Tokenizer(spm_model_path)
+
+
+def raw_rgb(fixture_inputs, b):
+    return np.ascontiguousarray(fixture_inputs[f"raw_image_bgr.b{b}"].numpy()[..., ::-1])
+
+
+def gradient_image(height, width):
+    """Smooth, asymmetric uint8 RGB test image (R grows along x, G along y)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack(
+        [255 * x / (width - 1), 255 * y / (height - 1), np.full_like(x, 90.0)], axis=-1
+    ).round().astype(np.uint8)
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_prepare_images_bit_exact_on_fixture(fixture_inputs):
+    for b in range(2):
+        img, img_mini = prepare_images(raw_rgb(fixture_inputs, b))
+        assert img.dtype == img_mini.dtype == torch.float32
+        assert img.shape == (3, 384, 384) and img_mini.shape == (3, 224, 224)
+        assert img.is_contiguous() and img_mini.is_contiguous()
+        assert torch.equal(img, fixture_inputs["img"][b])
+        assert torch.equal(img_mini, fixture_inputs["img_mini"][b])
+
+
+def test_image_sources_give_identical_tensors(fixture_inputs, tmp_path):
+    rgb = raw_rgb(fixture_inputs, 1)
+    path = tmp_path / "sample.png"
+    assert cv2.imwrite(str(path), fixture_inputs["raw_image_bgr.b1"].numpy())
+    from_path, from_str = load_image(path), load_image(str(path))
+    from_pil, from_array = load_image(Image.fromarray(rgb)), load_image(rgb)
+    for loaded in (from_path, from_str, from_pil, from_array):
+        assert loaded.dtype == np.uint8 and loaded.flags["C_CONTIGUOUS"]
+        assert np.array_equal(loaded, rgb)
+    reference = prepare_images(rgb)
+    for loaded in (from_path, from_pil, from_array):
+        img, img_mini = prepare_images(loaded)
+        assert torch.equal(img, reference[0]) and torch.equal(img_mini, reference[1])
+    assert torch.equal(reference[0], fixture_inputs["img"][1])
+    non_contiguous = np.ascontiguousarray(fixture_inputs["raw_image_bgr.b1"].numpy())[..., ::-1]
+    assert torch.equal(prepare_images(non_contiguous)[0], reference[0])
+
+
+def test_exif_orientation_applied_from_path_and_pil(tmp_path):
+    stored = gradient_image(40, 64)  # as stored in the file: 40 x 64
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display = stored rotated 90 degrees clockwise
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    displayed = np.rot90(stored, k=-1).astype(np.int16)
+    wrong_way = np.rot90(stored, k=1).astype(np.int16)
+    with Image.open(path) as pil_image:
+        from_pil = load_image(pil_image)
+    for loaded in (load_image(path), from_pil):
+        assert loaded.shape == (64, 40, 3)
+        assert np.abs(loaded.astype(np.int16) - displayed).mean() < 3.0
+        assert np.abs(loaded.astype(np.int16) - wrong_way).mean() > 50.0
+
+
+def test_load_image_rejects_bad_inputs(tmp_path):
+    good = np.zeros((8, 10, 3), np.uint8)
+    bad_arrays = [
+        good.astype(np.float32),
+        np.zeros((8, 10, 4), np.uint8),
+        np.zeros((3, 8, 10), np.uint8),
+        np.zeros((8, 10), np.uint8),
+        np.zeros((0, 10, 3), np.uint8),
+    ]
+    for array in bad_arrays:
+        with pytest.raises(InputError, match=r"uint8 NumPy array of shape \(H, W, 3\)"):
+            load_image(array)
+        with pytest.raises(InputError, match=r"\(H, W, 3\)"):
+            prepare_images(array)
+    with pytest.raises(InputError, match="channels first"):
+        load_image(np.zeros((3, 8, 10), np.uint8))
+    missing = tmp_path / "no_such_image.jpg"
+    with pytest.raises(InputError, match="no_such_image.jpg"):
+        load_image(missing)
+    with pytest.raises(InputError, match="not found"):
+        load_image(str(missing))
+    text_file = tmp_path / "notes.jpg"
+    text_file.write_text("this is not an image\n")
+    with pytest.raises(InputError, match="notes.jpg"):
+        load_image(text_file)
+    empty_file = tmp_path / "empty.png"
+    empty_file.write_bytes(b"")
+    with pytest.raises(InputError, match="empty.png"):
+        load_image(empty_file)
+    with pytest.raises(InputError, match="directory|not found"):
+        load_image(tmp_path)
+    for other in (torch.zeros(8, 10, 3, dtype=torch.uint8), [[0, 0, 0]], 3):
+        with pytest.raises(InputError, match="expected a file path, a PIL.Image or a uint8 NumPy array"):
+            load_image(other)
+    with pytest.raises(InputError, match="image_size"):
+        prepare_images(good, image_size=0)
+
+
+# ---------------------------------------------------------------- text
+
+
+def test_clean_text_matches_upstream_rule():
+    assert clean_text("Man, on the LEFT!") == "man on the left"
+    assert clean_text("red/blue t-shirt") == "red blue t shirt"
+    assert clean_text("it's \"the\" (big) one*#:;?.") == "its the big one"
+    assert clean_text("  two  spaces ") == "  two  spaces "  # white space is left to sentencepiece
+
+
+def test_token_ids_layout_and_mask(tokenizer, spm_processor):
+    text = "the man on the left"
+    spm_ids = spm_processor.encode(text)
+    assert len(spm_ids) >= 2 and 0 not in spm_ids
+    ids, padding_mask = tokenizer.encode(text, max_tokens=20)
+    assert ids.dtype == padding_mask.dtype == torch.int64
+    assert ids.shape == padding_mask.shape == (20,)
+    n = len(spm_ids)
+    assert ids[0] == BOS_ID and ids[n + 1] == EOS_ID
+    assert ids[1 : n + 1].tolist() == [i + 1 for i in spm_ids]
+    assert (ids[n + 2 :] == PAD_ID).all()
+    assert padding_mask.tolist() == [0] * (n + 2) + [1] * (20 - n - 2)
+    assert tokenizer.content_ids(text) == [i + 1 for i in spm_ids]
+    assert tokenizer.vocab_size == spm_processor.get_piece_size() + 2
+
+
+def test_tokenizer_cleans_before_encoding(tokenizer):
+    ids_raw, mask_raw = tokenizer.encode("Man, on the LEFT!", max_tokens=20)
+    ids_clean, mask_clean = tokenizer.encode("man on the left", max_tokens=20)
+    assert torch.equal(ids_raw, ids_clean) and torch.equal(mask_raw, mask_clean)
+    assert tokenizer.content_ids("red/blue") == tokenizer.content_ids("red blue")
+    assert tokenizer.content_ids("t-shirt") == tokenizer.content_ids("t shirt")
+    assert tokenizer.content_ids("t-shirt") != tokenizer.content_ids("tshirt")
+
+
+def test_unknown_and_special_tokens(tokenizer, spm_processor):
+    with_unknown = tokenizer.content_ids("the ж man")
+    assert UNK_ID in with_unknown
+    assert with_unknown == [UNK_ID if i == 0 else i + 1 for i in spm_processor.encode("the ж man")]
+    mask_id = spm_processor.get_piece_size() + 1
+    man = tokenizer.content_ids("man")
+    assert tokenizer.content_ids("man <s> man") == man + [BOS_ID] + man
+    assert tokenizer.content_ids("man <mask>") == man + [mask_id]
+    assert tokenizer.content_ids("<pad>") == [PAD_ID]
+    ids, padding_mask = tokenizer.encode("<pad>", max_tokens=5)
+    assert ids.tolist() == [BOS_ID, PAD_ID, EOS_ID, PAD_ID, PAD_ID]
+    assert padding_mask.tolist() == [0, 0, 0, 1, 1]  # from the length, not from the id value
+
+
+def test_truncation_warns_and_keeps_first_tokens(tokenizer):
+    text = "the little boy with the orange shirt"
+    content = tokenizer.content_ids(text)
+    assert len(content) > 6
+    with pytest.warns(UserWarning, match="truncated") as record:
+        ids, padding_mask = tokenizer.encode(text, max_tokens=6)
+    assert len(record) == 1
+    assert ids.tolist() == [BOS_ID] + content[:4] + [EOS_ID]
+    assert padding_mask.tolist() == [0] * 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenizer.encode(text, max_tokens=len(content) + 2)
+        tokenizer.encode_batch([text, "man"], max_tokens=len(content) + 2)
+    with pytest.warns(UserWarning, match="2 of 3 texts truncated") as record:
+        tokenizer.encode_batch([text, "man", text], max_tokens=6)
+    assert len(record) == 1
+
+
+def test_encode_batch_shapes_and_rows(tokenizer):
+    texts = ["the man on the left", "dog", "white plate near the blue cup"]
+    ids, padding_mask = tokenizer.encode_batch(texts, max_tokens=50)
+    assert ids.shape == padding_mask.shape == (3, 50)
+    assert ids.dtype == padding_mask.dtype == torch.int64
+    for b, text in enumerate(texts):
+        row_ids, row_mask = tokenizer.encode(text, max_tokens=50)
+        assert torch.equal(ids[b], row_ids) and torch.equal(padding_mask[b], row_mask)
+    # padding length never changes the real tokens
+    short_ids, short_mask = tokenizer.encode_batch(texts, max_tokens=20)
+    assert torch.equal(ids[:, :20], short_ids) and torch.equal(padding_mask[:, :20], short_mask)
+
+
+def test_empty_texts_and_bad_arguments_raise(tokenizer, tmp_path):
+    for text in ("", "   ", "?!.,", " - / ", "\n\t"):
+        with pytest.raises(InputError, match="empty after cleaning|no tokens"):
+            tokenizer.encode(text, max_tokens=20)
+    with pytest.raises(InputError):
+        tokenizer.encode_batch(["man", ""], max_tokens=20)
+    with pytest.raises(InputError, match="expected a str"):
+        tokenizer.encode(None, max_tokens=20)
+    with pytest.raises(InputError, match="non-empty list"):
+        tokenizer.encode_batch("man", max_tokens=20)
+    with pytest.raises(InputError, match="non-empty list"):
+        tokenizer.encode_batch([], max_tokens=20)
+    with pytest.raises(InputError, match="max_tokens"):
+        tokenizer.encode("man", max_tokens=2)
+    missing = tmp_path / "beit3.spm"
+    with pytest.raises(CheckpointError, match="beit3.spm"):
+        Beit3Tokenizer(missing)
+    garbage = tmp_path / "garbage.spm"
+    garbage.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(CheckpointError, match="garbage.spm"):
+        Beit3Tokenizer(garbage)
+
+
+# ---------------------------------------------------------------- answer
+
+
+def masks_384(stride4_logits):
+    """Upstream's pred_masks: bilinear x4 upsample computed in float32, cast back."""
+    return F.interpolate(stride4_logits.float(), size=(384, 384), mode="bilinear", align_corners=True).double()
+
+
+def test_answer_mask_reproduces_fixture(fixture_outputs):
+    scores = refer_scores(fixture_outputs["final.pred_refer_logits"])
+    assert scores.dtype == torch.float64
+    assert (scores - fixture_outputs["final.refer_score"]).abs().max() <= 1e-12
+    answer = deris_answer_mask(masks_384(fixture_outputs["final.pred_masks_stride4"]), scores, SCORE_THRESHOLD)
+    assert answer.dtype == torch.bool and answer.shape == (2, 384, 384)
+    assert torch.equal(answer, fixture_outputs["final.global_mask_384"].bool())
+    assert answer.any(dim=(-2, -1)).all()  # fixture A: every sample has a passing query
+    for b in range(2):
+        original = fixture_outputs[f"final.global_mask_original.b{b}"].bool()
+        assert torch.equal(resize_mask_nearest(answer[b], tuple(original.shape)), original)
+
+
+def test_answer_mask_reproduces_batch_size_one_fixture(fixture_outputs):
+    scores = refer_scores(fixture_outputs["bs1.pred_refer_logits"])
+    assert (scores - fixture_outputs["bs1.refer_score"]).abs().max() <= 1e-12
+    answer = deris_answer_mask(masks_384(fixture_outputs["bs1.pred_masks_stride4"]), scores, SCORE_THRESHOLD)
+    assert torch.equal(answer, fixture_outputs["bs1.global_mask_384"].bool())
+
+
+def test_answer_mask_empty_when_no_score_passes(fixture_outputs):
+    logits = masks_384(fixture_outputs["final.pred_masks_stride4"])
+    scores = refer_scores(fixture_outputs["final.pred_refer_logits"])
+    answer = deris_answer_mask(logits, scores, score_threshold=1.0)
+    assert answer.shape == (2, 384, 384) and not answer.any()
+
+
+def test_answer_mask_thresholds_are_strict_and_inclusive():
+    logits = torch.tensor([[[0.0, -1.0]], [[-1.0, 2.0]], [[5.0, 5.0]]], dtype=torch.float64)  # N=3, 1x2 masks
+    scores = torch.tensor([0.95, 0.9, 0.2], dtype=torch.float64)
+    answer = deris_answer_mask(logits, scores, score_threshold=0.9)
+    assert answer.tolist() == [[True, False]]  # score 0.9 is not > 0.9; sigmoid(0) = 0.5 is >= 0.5
+    batched = deris_answer_mask(logits.expand(4, 2, -1, -1, -1), scores.expand(4, 2, -1), 0.9)
+    assert batched.shape == (4, 2, 1, 2) and (batched == answer).all()
+    with pytest.raises(InputError, match="scores"):
+        deris_answer_mask(logits, scores[:2], 0.9)
+
+
+def test_refer_scores_is_class_zero_probability():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [-1.0, 3.0]], dtype=torch.float64)
+    expected = torch.sigmoid(logits[:, 0] - logits[:, 1])
+    assert torch.allclose(refer_scores(logits), expected, rtol=0, atol=1e-15)
+    half = refer_scores(logits.half())
+    assert half.dtype == torch.float32 and torch.allclose(half, expected.float(), atol=1e-3)
+
+
+def test_resize_mask_nearest_matches_cv2_inter_nearest():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(2, 384, 384, generator=generator) > 0.5
+    # 34x68, 106x123 and 130x141 are sizes where torch's mode="nearest" picks other pixels
+    for height, width in [(240, 320), (300, 200), (34, 68), (106, 123), (130, 141), (1000, 1500), (7, 5), (384, 384)]:
+        resized = resize_mask_nearest(mask, (height, width))
+        assert resized.dtype == torch.bool and resized.shape == (2, height, width)
+        for b in range(2):
+            expected = cv2.resize(mask[b].numpy().astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+            assert np.array_equal(resized[b].numpy(), expected.astype(bool)), (height, width)
+    non_square = torch.rand(50, 70, generator=generator) > 0.5
+    expected = cv2.resize(non_square.numpy().astype(np.uint8), (33, 91), interpolation=cv2.INTER_NEAREST)
+    assert np.array_equal(resize_mask_nearest(non_square, (91, 33)).numpy(), expected.astype(bool))
+    with pytest.raises(InputError, match="size"):
+        resize_mask_nearest(mask, (0, 10))
+
+
+@pytest.mark.gpu
+def test_postprocessing_on_cuda_matches_cpu(fixture_outputs):
+    logits = masks_384(fixture_outputs["final.pred_masks_stride4"])
+    scores = refer_scores(fixture_outputs["final.pred_refer_logits"])
+    cpu = deris_answer_mask(logits, scores, SCORE_THRESHOLD)
+    gpu_scores = refer_scores(fixture_outputs["final.pred_refer_logits"].cuda())
+    gpu = deris_answer_mask(logits.cuda(), gpu_scores, SCORE_THRESHOLD)
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    resized = resize_mask_nearest(gpu[0], (240, 320))
+    assert resized.is_cuda and torch.equal(resized.cpu(), fixture_outputs["final.global_mask_original.b0"].bool())
