@@ -1,4 +1,7 @@
 """deris-rerank: DeRIS referring segmentation in plain PyTorch with the Venice-H1 failure gate."""
+from .checkpoints import load_deris, save_deris
+from .deris.config import DerisConfig
+from .deris.model import DerisModel
 from .errors import CheckpointError, DerisRerankError, InputError
 from .gate import DecisionRule, GateConfig, GateDecision, VeniceGate, load_gate, save_gate
 from .signatures import grid_signatures, mask_statistics
@@ -7,6 +10,8 @@ from .version import __version__
 __all__ = [
     "CheckpointError",
     "DecisionRule",
+    "DerisConfig",
+    "DerisModel",
     "DerisRerankError",
     "GateConfig",
     "GateDecision",
@@ -14,7 +19,9 @@ __all__ = [
     "VeniceGate",
     "__version__",
     "grid_signatures",
+    "load_deris",
     "load_gate",
     "mask_statistics",
+    "save_deris",
     "save_gate",
 ]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..preprocess import refer_scores
+from ..timing import StageTimer, stage
 from .beit3 import Beit3Encoder
 from .cognition import CognitionBranch
 from .config import DerisConfig
@@ -61,9 +62,12 @@ class DerisModel(nn.Module):
         self.cognition = CognitionBranch(config)
         self.decoder = LoopbackDecoder(config)
 
-    def encode_image(self, image_hi: Tensor) -> ImageFeatures:
+    def encode_image(self, image_hi: Tensor, timer: Optional[StageTimer] = None) -> ImageFeatures:
         """Swin + pixel decoder on normalised perception images [B, 3, S, S] (S = config.image_size)."""
-        mask_features, multi_scale = self.pixel_decoder(self.swin(image_hi))
+        with stage(timer, "swin"):
+            features = self.swin(image_hi)
+        with stage(timer, "pixel_decoder"):
+            mask_features, multi_scale = self.pixel_decoder(features)
         return ImageFeatures(mask_features, list(multi_scale))
 
     def forward(
@@ -76,6 +80,7 @@ class DerisModel(nn.Module):
         image_features: Optional[ImageFeatures] = None,
         return_rounds: bool = False,
         with_mask_logits: bool = True,
+        timer: Optional[StageTimer] = None,
     ) -> Dict[str, Tensor]:
         """Run DeRIS on B image-text pairs.
 
@@ -84,6 +89,8 @@ class DerisModel(nn.Module):
         tokens int64 [B, T]; padding_mask [B, T], 1/True = padding.
         batch_semantics: "per_sample" (default; a result never depends on its batch) or
         "upstream" (upstream's batch-coupled loopback, for re-running its batched evaluation).
+        timer: optional `StageTimer` that receives swin, pixel_decoder, beit3, decoder, aligner,
+        upsample times.
 
         Returns a dict:
           mask_logits_stride4 [B, N, S/4, S/4]; mask_logits [B, N, S, S] (unless with_mask_logits=False);
@@ -93,22 +100,25 @@ class DerisModel(nn.Module):
           and with return_rounds=True, `rounds`: one dict per loopback round.
         """
         if image_features is None:
-            image_features = self.encode_image(image_hi)
+            image_features = self.encode_image(image_hi, timer)
         padding = padding_mask.bool()
-        encoded = self.beit3(image_lo, tokens, padding)
-        beit3_tokens = self.beit3.split_tokens(encoded)
-        img_feat, text_feat, queries = self.cognition.project(beit3_tokens.image_tokens, beit3_tokens.text_tokens)
-        rounds = self.decoder(
-            image_features.multi_scale,
-            image_features.mask_features,
-            queries,
-            text_feat,
-            padding,
-            img_feat,
-            batch_semantics=batch_semantics,
-        )
+        with stage(timer, "beit3"):
+            encoded = self.beit3(image_lo, tokens, padding)
+            beit3_tokens = self.beit3.split_tokens(encoded)
+            img_feat, text_feat, queries = self.cognition.project(beit3_tokens.image_tokens, beit3_tokens.text_tokens)
+        with stage(timer, "decoder"):
+            rounds = self.decoder(
+                image_features.multi_scale,
+                image_features.mask_features,
+                queries,
+                text_feat,
+                padding,
+                img_feat,
+                batch_semantics=batch_semantics,
+            )
         final = rounds[-1]
-        cognition_embed, existence_logit = self.cognition.align(final["query"], text_feat, padding)
+        with stage(timer, "aligner"):
+            cognition_embed, existence_logit = self.cognition.align(final["query"], text_feat, padding)
         out = {
             "mask_logits_stride4": final["mask_logits_stride4"],
             "refer_logits": final["refer_logits"],
@@ -119,7 +129,8 @@ class DerisModel(nn.Module):
             "cognition_embed": cognition_embed,
         }
         if with_mask_logits:
-            out["mask_logits"] = upsample_masks(final["mask_logits_stride4"])
+            with stage(timer, "upsample"):
+                out["mask_logits"] = upsample_masks(final["mask_logits_stride4"])
         if return_rounds:
             out["rounds"] = rounds
             out["beit3_tokens"] = encoded
