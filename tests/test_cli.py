@@ -47,3 +47,17 @@ def test_convert_refuses_a_checkpoint_that_fits_no_preset(tmp_path, reference_di
     assert not (tmp_path / "out").exists()
     result = run_cli("convert", tmp_path / "deris.pth", tmp_path / "out", "--preset", "deris-b-refcoco")
     assert result.returncode == 2 and "does not fit DeRIS config 'deris-b-refcoco'" in result.stderr
+
+
+def test_convert_success_path_in_process(tmp_path, monkeypatch, parity_config, parity_state, capsys):
+    from deris_rerank import cli
+    from deris_rerank.checkpoints import load_deris
+    from deris_rerank.deris.config import PRESETS
+
+    monkeypatch.setitem(PRESETS, parity_config.name, parity_config)  # make the fixture's size a preset
+    torch.save({"state_dict": {f"module.{k}": v for k, v in parity_state.items()}}, tmp_path / "deris.pth")
+    assert cli.main(["convert", str(tmp_path / "deris.pth"), str(tmp_path / "out")]) == 0
+    assert f"preset {parity_config.name}" in capsys.readouterr().out
+    converted, original = load_deris(tmp_path / "out"), load_deris(parity_state, parity_config)
+    for key, value in original.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key

@@ -88,10 +88,10 @@ class DerisConfig:
     @classmethod
     def preset(cls, name: str) -> "DerisConfig":
         """One of `PRESETS`: deris-l-refcoco, deris-b-refcoco, deris-l-grefcoco, deris-b-grefcoco."""
-        key = name.lower()
-        if key not in PRESETS:
+        by_name = {key.lower(): config for key, config in PRESETS.items()}
+        if name.lower() not in by_name:
             raise CheckpointError(f"unknown DeRIS preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
-        return PRESETS[key]
+        return by_name[name.lower()]
 
     @classmethod
     def from_fixture(cls, fixture_config: Mapping[str, Any]) -> "DerisConfig":
