@@ -1,3 +1,4 @@
+import io
 import warnings
 
 import cv2
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+import deris_rerank.preprocess as preprocess
 from deris_rerank.errors import CheckpointError, InputError
 from deris_rerank.preprocess import (
     BOS_ID,
@@ -358,3 +360,252 @@ def test_postprocessing_on_cuda_matches_cpu(fixture_outputs):
     assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
     resized = resize_mask_nearest(gpu[0], (240, 320))
     assert resized.is_cuda and torch.equal(resized.cpu(), fixture_outputs["final.global_mask_original.b0"].bool())
+
+
+# ---------------------------------------------------------------- image inputs: modes, sources, broken files
+
+
+def random_array(shape, high=256, dtype=np.uint8, seed=0):
+    return np.random.default_rng(seed).integers(0, high, shape, dtype=dtype)
+
+
+def grey_to_rgb(grey):
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def raises_one_line(source, *fragments):
+    """load_image(source) must raise a one-line InputError containing every fragment."""
+    with pytest.raises(InputError) as excinfo:
+        load_image(source)
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def png_mode_cases():
+    """(name, PIL image as written to the file, expected uint8 RGB) for every PNG mode users meet."""
+    grey = random_array((9, 11), seed=1)
+    rgb = random_array((9, 11, 3), seed=2)
+    alpha = random_array((9, 11), seed=3)
+    alpha[0, :] = 0  # fully transparent pixels must keep their colour (alpha dropped, not blended)
+    palette = random_array((16, 3), seed=4)
+    indices = random_array((9, 11), high=16, seed=5)
+    paletted = Image.fromarray(indices, "P")
+    paletted.putpalette(palette.ravel().tolist())
+    with_transparency = paletted.copy()
+    with_transparency.info["transparency"] = bytes(range(0, 256, 16))  # per-entry alpha (a tRNS chunk)
+    with_one_transparent = paletted.copy()
+    with_one_transparent.info["transparency"] = 3
+    bits = random_array((9, 11), high=2, seed=6).astype(bool)
+    grey16 = random_array((9, 11), high=65536, dtype=np.uint16, seed=7)
+    grey16[0, :4] = [255, 256, 65535, 383]  # values where clipping or rounding would differ from >> 8
+    return [
+        ("L", Image.fromarray(grey, "L"), grey_to_rgb(grey)),
+        ("LA", Image.fromarray(np.stack([grey, alpha], -1), "LA"), grey_to_rgb(grey)),
+        ("RGBA", Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), rgb),
+        ("P", paletted, palette[indices]),
+        ("P+tRNS bytes", with_transparency, palette[indices]),
+        ("P+tRNS index", with_one_transparent, palette[indices]),
+        ("1", Image.fromarray(bits), grey_to_rgb(bits.astype(np.uint8) * 255)),
+        ("I;16", Image.fromarray(grey16), grey_to_rgb((grey16 >> 8).astype(np.uint8))),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(png_mode_cases())), ids=[c[0] for c in png_mode_cases()])
+def test_png_modes_from_path_and_pil_give_expected_rgb(tmp_path, case):
+    name, image, expected = png_mode_cases()[case]
+    path = tmp_path / "mode.png"
+    image.save(path)
+    with Image.open(path) as reopened:
+        assert reopened.mode == image.mode  # the file really holds this mode
+        assert reopened.info.get("transparency") == image.info.get("transparency")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. Pillow's warning for a palette with transparency -> RGB
+            loaded_all = (load_image(path), load_image(reopened), load_image(image))
+    for loaded in loaded_all:
+        assert loaded.dtype == np.uint8 and loaded.shape == expected.shape and loaded.flags["C_CONTIGUOUS"]
+        assert np.array_equal(loaded, expected), name
+
+
+def test_16_bit_files_scale_like_opencv(tmp_path):
+    rgb16 = random_array((6, 7, 3), high=65536, dtype=np.uint16, seed=8)
+    rgb16[0, 0] = [255, 256, 65535]
+    path = tmp_path / "rgb16.png"
+    assert cv2.imwrite(str(path), np.ascontiguousarray(rgb16[..., ::-1]))
+    expected = (rgb16 >> 8).astype(np.uint8)
+    assert np.array_equal(load_image(path), expected)
+    with Image.open(path) as reopened:  # Pillow opens 16-bit RGB as 8-bit RGB itself
+        assert np.array_equal(load_image(reopened), expected)
+    grey16 = random_array((6, 7), high=65536, dtype=np.uint16, seed=9)
+    as_mode_i = Image.fromarray(grey16.astype(np.int32))  # mode I, as older Pillow opens 16-bit grey PNGs
+    assert as_mode_i.mode == "I"
+    assert np.array_equal(load_image(as_mode_i), grey_to_rgb((grey16 >> 8).astype(np.uint8)))
+    raises_one_line(Image.fromarray(np.array([[0, 70000]], np.int32)), "mode I", "[0, 70000]")
+
+
+def test_cmyk_jpeg_from_path_and_pil(tmp_path):
+    colours_cmyk = [(0, 255, 255, 0), (255, 0, 255, 0), (0, 0, 0, 0), (0, 0, 0, 128)]
+    colours_rgb = np.array([(255, 0, 0), (0, 255, 0), (255, 255, 255), (127, 127, 127)])
+    cmyk = np.zeros((16, 16, 4), np.uint8)
+    for k, colour in enumerate(colours_cmyk):  # four flat 8x8 blocks: JPEG keeps them almost exactly
+        cmyk[8 * (k // 2) : 8 * (k // 2) + 8, 8 * (k % 2) : 8 * (k % 2) + 8] = colour
+    expected = np.zeros((16, 16, 3), np.int16)
+    for k, colour in enumerate(colours_rgb):
+        expected[8 * (k // 2) : 8 * (k // 2) + 8, 8 * (k % 2) : 8 * (k % 2) + 8] = colour
+    image = Image.fromarray(cmyk, "CMYK")
+    path = tmp_path / "cmyk.jpg"
+    image.save(path, quality=100)
+    with Image.open(path) as reopened:
+        assert reopened.mode == "CMYK"
+        from_reopened = load_image(reopened)
+    for loaded in (load_image(path), from_reopened):
+        assert loaded.shape == (16, 16, 3)
+        assert np.abs(loaded.astype(np.int16) - expected).max() <= 3
+    assert np.array_equal(load_image(image), expected)
+
+
+def test_grey_jpeg_and_1x1_images(tmp_path):
+    grey = np.full((8, 8), 77, np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.jpg", quality=100)
+    assert np.array_equal(load_image(tmp_path / "grey.jpg"), grey_to_rgb(grey))
+    pixel = np.array([[[200, 30, 90]]], np.uint8)
+    Image.fromarray(pixel).save(tmp_path / "pixel.png")
+    Image.fromarray(pixel).save(tmp_path / "pixel.jpg", quality=100)
+    tensor = torch.from_numpy(pixel).permute(2, 0, 1)
+    for source in (tmp_path / "pixel.png", Image.fromarray(pixel), pixel, tensor, tensor.double() / 255):
+        assert np.array_equal(load_image(source), pixel)
+    from_jpeg = load_image(tmp_path / "pixel.jpg")
+    assert from_jpeg.shape == (1, 1, 3) and np.abs(from_jpeg.astype(int) - pixel).max() <= 4
+
+
+def test_non_ascii_file_name(tmp_path):
+    rgb = random_array((5, 6, 3), seed=10)
+    path = tmp_path / "schöne Straße 图像.png"
+    Image.fromarray(rgb).save(path)
+    assert np.array_equal(load_image(path), rgb) and np.array_equal(load_image(str(path)), rgb)
+
+
+def test_decompression_bomb_limit_refuses_before_decoding(tmp_path, monkeypatch):
+    assert preprocess.MAX_IMAGE_PIXELS == 2 * Image.MAX_IMAGE_PIXELS  # Pillow's default error threshold
+    rgb = random_array((10, 20, 3), seed=11)
+    path = tmp_path / "big.png"
+    Image.fromarray(rgb).save(path)
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 200)
+    assert np.array_equal(load_image(path), rgb)  # 200 pixels: at the limit, allowed
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 199)
+
+    def must_not_decode(*args, **kwargs):
+        raise AssertionError("decoded an image above the limit")
+
+    monkeypatch.setattr(cv2, "imdecode", must_not_decode)
+    raises_one_line(path, "big.png", "20x10", "200 pixels", "199 pixels", "downscale")
+    assert np.array_equal(load_image(rgb), rgb)  # arrays are already in memory: no limit
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow's own error (above 100) while reading the header
+    raises_one_line(path, "big.png", "too large", "downscale")
+
+
+def jpeg_bytes(rgb, **options):
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_truncated_jpeg_refused(tmp_path):
+    rgb = random_array((32, 24, 3), seed=12)
+    baseline = jpeg_bytes(rgb, quality=90)
+    thumbnail = jpeg_bytes(rgb[::4, ::4], quality=50)
+    app1 = b"\xff\xe1" + (2 + 6 + len(thumbnail)).to_bytes(2, "big") + b"Thumb\x00" + thumbnail
+    with_thumbnail = baseline[:2] + app1 + baseline[2:]  # a complete JPEG (with its own FF D9) before the main one
+    progressive = jpeg_bytes(rgb, quality=90, progressive=True)
+    path = tmp_path / "photo.jpg"
+    for data in (baseline, with_thumbnail, progressive, baseline + b"trailing bytes"):
+        path.write_bytes(data)
+        assert load_image(path).shape == (32, 24, 3)
+    assert np.array_equal(load_image(path), cv2.imdecode(np.frombuffer(baseline, np.uint8), cv2.IMREAD_COLOR)[..., ::-1])
+    for data in (baseline, with_thumbnail, progressive):
+        sos = data.rindex(b"\xff\xda") if data is not progressive else data.index(b"\xff\xda")
+        for cut in (len(data) - 2, (sos + len(data)) // 2, sos + 20, len(data) // 3):
+            path.write_bytes(data[:cut])
+            raises_one_line(path, "photo.jpg", "is truncated (the JPEG data")
+    with Image.open(path) as truncated:  # Pillow refuses to decode it too (unless LOAD_TRUNCATED_IMAGES)
+        raises_one_line(truncated, "cannot read the PIL image", "truncated")
+
+
+def test_truncated_png_refused(tmp_path):
+    rgb = random_array((32, 24, 3), seed=13)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    data = buffer.getvalue()
+    path = tmp_path / "figure.png"
+    for cut in (len(data) - 12, len(data) - 20, len(data) // 2, 40):  # no IEND / inside IDAT / inside IHDR
+        path.write_bytes(data[:cut])
+        raises_one_line(path, "figure.png", "is truncated (the PNG data")
+    path.write_bytes(data + b"trailing bytes")
+    assert np.array_equal(load_image(path), rgb)
+
+
+def test_unreadable_files_refused_with_their_name(tmp_path):
+    raises_one_line(tmp_path / "missing.jpg", "missing.jpg", "not found")
+    raises_one_line(tmp_path, str(tmp_path), "is a directory")
+    raises_one_line("", "empty")
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    raises_one_line(tmp_path / "zero.jpg", "zero.jpg", "empty (0 bytes)")
+    (tmp_path / "text.jpg").write_text("this is not an image\nsecond line\n")
+    raises_one_line(tmp_path / "text.jpg", "text.jpg", "not an image format")
+    icon = tmp_path / "icon.png"  # an ICO file under a .png name: Pillow reads it, OpenCV does not
+    Image.fromarray(random_array((16, 16, 3), seed=14)).save(icon, format="ICO", sizes=[(16, 16)])
+    raises_one_line(icon, "icon.png", "ICO", "Image.open(path)")
+    with Image.open(icon) as reopened:
+        assert load_image(reopened).shape == (16, 16, 3)
+
+
+def test_torch_chw_tensors_equal_numpy_input():
+    rgb = random_array((7, 5, 3), seed=15)
+    rgb[0, 0], rgb[0, 1] = 0, 255
+    chw = torch.from_numpy(rgb).permute(2, 0, 1)
+    assert np.array_equal(load_image(chw), load_image(rgb))
+    assert np.array_equal(load_image(chw.contiguous()), rgb)
+    every_value = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16).expand(3, -1, -1)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        assert np.array_equal(load_image(chw.to(dtype) / 255), rgb), dtype
+        assert np.array_equal(load_image(every_value.to(dtype) / 255), load_image(every_value)), dtype
+    with_grad = (chw.float() / 255).requires_grad_()
+    assert np.array_equal(load_image(with_grad), rgb)
+    overshoot = torch.tensor([-0.02, 0.2, 1.03]).reshape(3, 1, 1)  # e.g. bicubic resampling overshoot: clipped
+    assert load_image(overshoot).ravel().tolist() == [0, 51, 255]
+    loaded = load_image(chw.float() / 255)
+    assert loaded.dtype == np.uint8 and loaded.flags["C_CONTIGUOUS"]
+
+
+def test_rejected_sources_say_what_was_expected_and_found():
+    chw = torch.zeros(3, 4, 5, dtype=torch.uint8)
+    raises_one_line(None, "expected a file path", "torch tensor [3, H, W]", "got NoneType")
+    raises_one_line([[0, 0, 0]], "got list")
+    raises_one_line(b"\x89PNG", "got bytes", "Image.open(io.BytesIO(data))")
+    raises_one_line(chw.permute(1, 2, 0), "got a torch.uint8 tensor of shape (4, 5, 3)", "permute(2, 0, 1)")
+    raises_one_line(chw[None], "shape (1, 3, 4, 5)", "tensor[0]")
+    raises_one_line(torch.zeros(3, 0, 5), "shape (3, 0, 5)")
+    raises_one_line(chw.long(), "torch.int64", "to(torch.uint8)")
+    raises_one_line(chw.bool(), "torch.bool")
+    zero_to_255 = torch.linspace(0, 255, 60).reshape(3, 4, 5)
+    raises_one_line(zero_to_255, "[0, 1]", "found values in [0, 255]", "divide by 255")
+    raises_one_line(zero_to_255 / 255 * 4.5 - 2.1, "[0, 1]", "found values in [-2.1, 2.4]", "normalised")
+    raises_one_line(torch.full((3, 2, 2), float("nan")), "NaN")
+    raises_one_line(np.zeros((4, 5, 3), bool), "bool array of shape (4, 5, 3)")
+    raises_one_line(np.zeros((4, 5, 4), np.uint8), "shape (4, 5, 4)", "array[..., :3]")
+    raises_one_line(np.zeros((4, 5), np.uint8), "shape (4, 5)", "grey")
+    raises_one_line(np.zeros((4, 5, 3), np.float32), "float32", "uint8")
+    raises_one_line(Image.fromarray(np.zeros((4, 5), np.float32)), "mode F")
+    raises_one_line(Image.new("RGB", (0, 3)), "empty", "0x3")
+    raises_one_line(Image.new("La", (2, 2)), "cannot read the PIL image", "mode La")  # Pillow cannot convert it
+
+
+@pytest.mark.gpu
+def test_torch_tensor_on_cuda_equals_numpy_input():
+    rgb = random_array((7, 5, 3), seed=16)
+    chw = torch.from_numpy(rgb).permute(2, 0, 1).cuda()
+    assert np.array_equal(load_image(chw), rgb)
+    assert np.array_equal(load_image(chw.half() / 255), rgb)
