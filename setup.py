@@ -23,9 +23,10 @@ setup(
         "pillow>=9",
         "opencv-python-headless>=4.8",
         "sentencepiece>=0.1.99",
+        "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "pycocotools>=2.0.6"],
     },
     entry_points={"console_scripts": ["deris-rerank=deris_rerank.cli:main"]},
 )
