@@ -109,3 +109,40 @@ def parity_inputs(parity_dir):
 def parity_outputs(parity_dir):
     """Upstream's recorded intermediate and final tensors for the fixture inputs, by name."""
     return load_file(str(parity_dir / "outputs.safetensors"))
+
+
+TOY_CORPUS = [
+    "man on the left", "woman on the right", "the red car", "small dog next to the blue bag",
+    "second person from the left", "the biggest circle", "top right square", "green tree behind the house",
+]
+
+
+def train_toy_tokenizer(path: Path) -> Path:
+    """A tiny BEiT-3-style sentencepiece model (BPE, 60 pieces) trained on TOY_CORPUS, written to `path`."""
+    import sentencepiece
+
+    corpus = path.with_suffix(".txt")
+    corpus.write_text("\n".join(TOY_CORPUS * 10) + "\n")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(path.with_suffix("")), vocab_size=60, model_type="bpe", minloglevel=2
+    )
+    path.with_suffix(".model").rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, parity_config, parity_state):
+    """A test-sized setup on disk: the parity fixture's DeRIS (float32) converted to our folder
+    format with a toy `beit3.spm` inside, and a small random released-style gate for it
+    (`gate.safetensors` + `gate.json`, query dim 64)."""
+    from deris_rerank.checkpoints import load_deris, save_deris
+    from deris_rerank.gate import RELEASED, DecisionRule, GateConfig, ReleasedGate, save_gate
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    save_deris(load_deris(parity_state, parity_config, dtype=torch.float32), root / "deris")
+    train_toy_tokenizer(root / "deris" / "beit3.spm")
+    torch.manual_seed(0)
+    gate = ReleasedGate(GateConfig(RELEASED, query_dim=parity_config.hidden_dim, hidden_dim=32, n_layers=1, n_heads=4),
+                        DecisionRule(tau=0.3, margin_pred=0.0))
+    save_gate(gate.eval(), root / "gate")
+    return root

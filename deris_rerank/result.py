@@ -1,0 +1,111 @@
+"""Result: the answer for one image-text pair, with what is needed to explain it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .errors import OutputError
+from .fileio import atomic_write
+from .rle import encode_mask
+from .visualize import candidate_grid, overlay, save_png
+
+
+@dataclass
+class Result:
+    """One pair's answer. Masks are NumPy bool arrays at the original image size [H, W].
+
+    Candidates are listed by descending referring score: `scores[k]` is the k-th best, and
+    `slots[k]` its DeRIS query slot. `selected` is the rank of the chosen candidate in that
+    list (0 = Query-0, DeRIS's own first choice); `switched` is True when the gate chose
+    another one. `p_fail` is the gate's failure probability (None without a gate).
+    `deris_mask` is DeRIS's own answer as its post-processing defines it (union of the
+    candidates with score > threshold); `default_mask` is Query-0's own mask. `timings` are milliseconds per stage; stages shared
+    by several pairs (decoding, image features, batched model runs) are split evenly.
+    """
+
+    text: str
+    mask: np.ndarray
+    selected: int
+    switched: bool
+    p_fail: Optional[float]
+    scores: List[float]
+    slots: List[int]
+    deris_mask: np.ndarray
+    default_mask: np.ndarray
+    existence: float
+    timings: Dict[str, float]
+    image: Optional[np.ndarray] = field(default=None, repr=False)
+    _candidate_masks: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
+
+    @property
+    def image_size(self) -> Tuple[int, int]:
+        """(H, W) of the original image."""
+        return tuple(self.mask.shape)
+
+    @property
+    def default_index(self) -> int:
+        """DeRIS query slot of Query-0 (its top-scored candidate)."""
+        return self.slots[0]
+
+    @property
+    def selected_slot(self) -> int:
+        """DeRIS query slot of the chosen candidate."""
+        return self.slots[self.selected]
+
+    @property
+    def candidates(self) -> np.ndarray:
+        """bool [N, H, W]: every candidate's mask at the original size, by descending score (computed on first use)."""
+        if self._candidate_masks is None:
+            raise OutputError("this result was made without candidate masks")
+        if callable(self._candidate_masks):
+            self._candidate_masks = self._candidate_masks()
+        return self._candidate_masks
+
+    def to_json(self) -> Dict[str, Any]:
+        """A JSON-able dict: decision, scores, timings and the mask as COCO RLE."""
+        return {
+            "text": self.text,
+            "image_size": list(self.image_size),
+            "selected": self.selected,
+            "selected_slot": self.selected_slot,
+            "default_index": self.default_index,
+            "switched": self.switched,
+            "p_fail": self.p_fail,
+            "scores": self.scores,
+            "slots": self.slots,
+            "existence": self.existence,
+            "mask_area": int(self.mask.sum()),
+            "mask": encode_mask(self.mask),
+            "deris_mask": encode_mask(self.deris_mask),
+            "timings_ms": self.timings,
+        }
+
+    def save(self, folder: str | Path, name: str = "result", candidates: bool = False) -> Dict[str, Path]:
+        """Write `<name>_mask.png` (0/255), `<name>.json`, and with the image `<name>_overlay.png`
+        (the selected mask; DeRIS's default outlined when the gate switched) and, with
+        candidates=True, `<name>_candidates.png`. Returns the written paths by kind."""
+        folder = Path(folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}; choose a writable folder") from None
+        written = {"mask": folder / f"{name}_mask.png", "json": folder / f"{name}.json"}
+        save_png(written["mask"], self.mask)
+        if self.image is not None:
+            outline = self.default_mask if self.switched else None
+            written["overlay"] = folder / f"{name}_overlay.png"
+            save_png(written["overlay"], overlay(self.image, self.mask, outline=outline))
+            if candidates:
+                written["candidates"] = folder / f"{name}_candidates.png"
+                grid = candidate_grid(self.image, self.candidates, self.scores, self.selected, 0)
+                save_png(written["candidates"], grid)
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        try:
+            atomic_write(written["json"], lambda tmp: Path(tmp).write_text(text))
+        except OSError as exc:
+            raise OutputError(f"cannot write {written['json']}: {exc.strerror or exc}") from None
+        return written
