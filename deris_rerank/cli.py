@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
+from pathlib import Path
 from typing import List, Optional
 
 from .errors import DerisRerankError
@@ -23,6 +25,75 @@ def _add_rule_overrides(parser: argparse.ArgumentParser) -> None:
 
 def _rule_overrides(args: argparse.Namespace) -> dict:
     return {"tau": args.tau, "temp": args.temp, "margin_pred": args.margin_pred, "margin_gap": args.margin_gap}
+
+
+def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--deris", help="DeRIS checkpoint: official .pth, converted folder or preset name "
+                       "(default: the embedded default model)")
+    group.add_argument("--tokenizer", help="BEiT-3 sentencepiece model (default: beit3.spm next to --deris or in weights/)")
+    group.add_argument("--gate", help="Venice-H1 gate checkpoint (default: venice_h1.* in weights/)")
+    group.add_argument("--no-gate", action="store_true", help="do not re-rank: DeRIS's own first choice")
+    group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="bfloat16/float16 run as CUDA autocast")
+    group.add_argument("--tau", type=float, help="override the gate's failure threshold")
+
+
+def _pipeline(args: argparse.Namespace):
+    from .pipeline import Pipeline
+
+    gate = False if args.no_gate else args.gate
+    return Pipeline(deris=args.deris, gate=gate, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, tau=args.tau)
+
+
+def _summary(result, written) -> str:
+    top = f"candidate #{result.selected} (slot {result.selected_slot}, score {result.scores[result.selected]:.3f})"
+    if result.switched:
+        decision = f"switched to {top} from DeRIS's #0 (slot {result.default_index}, score {result.scores[0]:.3f})"
+    else:
+        decision = f"kept DeRIS's {top}"
+    gate = "no gate" if result.p_fail is None else f"p_fail {result.p_fail:.3f}"
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items())
+    return "\n".join(
+        [
+            f"{result.text!r}: {decision}; {gate}",
+            "scores: " + " ".join(f"{s:.3f}" for s in result.scores),
+            f"time: {sum(result.timings.values()):.0f} ms ({stages})",
+            "wrote: " + ", ".join(str(p) for p in written.values()),
+        ]
+    )
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """Segment one image for one expression; write overlay + mask (+ candidates grid)."""
+    image = Path(args.image)
+    out_dir = Path(args.out) if args.out else image.parent
+    pipe = _pipeline(args)
+    result = pipe(image, args.text)
+    written = result.save(out_dir, name=image.stem, candidates=args.candidates)
+    print(json.dumps(result.to_json(), indent=2) if args.json else _summary(result, written))
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Process a manifest or a folder of images into an output folder."""
+    from .batch import read_folder, read_manifest, run_batch
+    from .errors import InputError
+
+    if bool(args.manifest) == bool(args.images):
+        raise InputError("give either --manifest FILE or --images FOLDER")
+    if args.manifest:
+        items = read_manifest(Path(args.manifest))
+    else:
+        texts = [args.text] if args.text else []
+        if args.texts_file:
+            texts += [t for t in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if t.strip()]
+        items = read_folder(Path(args.images), texts)
+    pipe = _pipeline(args)
+    summary = run_batch(pipe, items, Path(args.out), batch_size=args.batch_size, progress=not args.quiet)
+    print(json.dumps(summary, indent=2))
+    return 1 if summary["failed"] else 0
 
 
 def cmd_convert_gate(args: argparse.Namespace) -> int:
@@ -54,6 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    segment = commands.add_parser(
+        "segment",
+        help="segment one image for a referring expression",
+        description="Write <image>_overlay.png, <image>_mask.png and <image>.json next to the image (or under --out) "
+        "and print a summary.",
+    )
+    segment.add_argument("--image", required=True, help="image file")
+    segment.add_argument("--text", required=True, help='referring expression, e.g. "man on left"')
+    segment.add_argument("--out", help="output folder (default: the image's folder)")
+    segment.add_argument("--json", action="store_true", help="print the result as JSON instead of the summary")
+    segment.add_argument("--candidates", action="store_true", help="also save a grid of all candidates with scores")
+    _add_pipeline_options(segment)
+    segment.set_defaults(run=cmd_segment)
+
+    batch = commands.add_parser(
+        "batch",
+        help="process many image-text pairs (resumable)",
+        description="Input: --manifest (JSONL or CSV with image, text[, id]) or --images FOLDER with --text or "
+        "--texts-file. Output: masks/<id>.png, results.jsonl, errors.jsonl, summary.json. A rerun with the same "
+        "--out skips finished ids. Exit code 1 when any pair failed.",
+    )
+    batch.add_argument("--manifest", help="JSONL or CSV manifest; image paths relative to it")
+    batch.add_argument("--images", help="folder of images")
+    batch.add_argument("--text", help="one expression for every image of --images")
+    batch.add_argument("--texts-file", help="one expression per line, each applied to every image of --images")
+    batch.add_argument("--out", required=True, help="output folder")
+    batch.add_argument("--batch-size", type=int, default=8, help="pairs per model run (default 8)")
+    batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_pipeline_options(batch)
+    batch.set_defaults(run=cmd_batch)
+
     convert = commands.add_parser(
         "convert",
         help="convert an official DeRIS checkpoint (.pth) to safetensors + config.json",
@@ -78,8 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"deris-rerank: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.run(args)
     except DerisRerankError as exc:
