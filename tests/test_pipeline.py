@@ -203,3 +203,12 @@ def test_cuda_matches_cpu(tiny_model_dir, photo, pipe):
     assert (cpu_result.mask != gpu_result.mask).mean() < 1e-3
     half = Pipeline(deris=tiny_model_dir / "deris", gate=tiny_model_dir / "gate.safetensors", device="cuda", dtype="bfloat16")
     assert half(photo[0], "the red car").mask.shape == (200, 300)
+
+
+def test_non_ascii_and_emoji_text(pipe, photo):
+    result = pipe(photo[0], "hé à 🐶 左")
+    assert result.mask.shape == (200, 300) and len(result.scores) == 10
+    ids, _ = pipe.tokenizer.encode("🐶", pipe.config.max_tokens)
+    assert 3 in ids.tolist()  # unknown to the tokenizer: <unk>
+    with pytest.raises(InputError):
+        pipe(photo[0], "?!.,")  # nothing left after upstream's cleaning
