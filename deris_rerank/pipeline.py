@@ -189,12 +189,27 @@ class Pipeline:
         text gives that pair's error and the rest go on.
         """
         pairs = list(pairs)
+        for item in self.iter_candidates(pairs, batch_size, workers):
+            if isinstance(item, CandidateBatch):
+                yield from self._results(item, pairs)
+            else:
+                yield item
+
+    def iter_candidates(
+        self, pairs: Sequence[Tuple], batch_size: int = 8, workers: int = 2
+    ) -> Iterator[Union["CandidateBatch", Tuple[int, DerisRerankError]]]:
+        """DeRIS's raw candidates, batch by batch, for tools that need more than a Result (feature extraction).
+
+        pairs: (image, text) or (image, text, group key); pairs with equal keys share one image
+        decode and encode (default key: the resolved path, or the image object itself). An image
+        may also be a zero-argument callable returning a uint8 [H, W, 3] RGB array (generated data).
+        Yields a `CandidateBatch` per model run, and (pair index, error) for each bad pair.
+        """
         if batch_size < 1:
             raise InputError(f"batch_size must be at least 1, got {batch_size}")
         groups: Dict[Any, List[int]] = {}
-        for index, (image, _) in enumerate(pairs):
-            key = str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else id(image)
-            groups.setdefault(key, []).append(index)
+        for index, pair in enumerate(pairs):
+            groups.setdefault(pair[2] if len(pair) > 2 else _image_key(pair[0]), []).append(index)
         chunks = _chunk_groups(list(groups.values()), batch_size)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             loading = [pool.submit(self._load_images, pairs, chunks[0])] if chunks else []
@@ -211,16 +226,17 @@ class Pipeline:
         loaded = []
         for group in chunk:
             timer = StageTimer()
+            source = pairs[group[0]][0]
             try:
                 with timer("load"):
-                    rgb = load_image(pairs[group[0]][0])
+                    rgb = load_image(source() if callable(source) else source)
                     image_hi, image_lo = prepare_images(rgb, self.config.image_size, self.config.image_size_lo)
                 loaded.append(_Image(rgb, image_hi, image_lo, timer.ms["load"]))
             except DerisRerankError as exc:
                 loaded.append(exc)
         return loaded
 
-    def _run_chunk(self, pairs, chunk: List[List[int]], images) -> Iterator[Tuple[int, Union[Result, DerisRerankError]]]:
+    def _run_chunk(self, pairs, chunk: List[List[int]], images):
         jobs = []  # (pair index, image position, tokens, padding)
         for position, (group, image) in enumerate(zip(chunk, images)):
             for index in group:
@@ -233,13 +249,11 @@ class Pipeline:
                     yield index, exc
                     continue
                 jobs.append((index, position, tokens, padding))
-        if not jobs:
-            return
-        used = sorted({position for _, position, _, _ in jobs})
-        results = self._infer([images[p] for p in used], [(i, used.index(p), t, m) for i, p, t, m in jobs], pairs)
-        yield from results
+        if jobs:
+            used = sorted({position for _, position, _, _ in jobs})
+            yield self._infer([images[p] for p in used], [(i, used.index(p), t, m) for i, p, t, m in jobs])
 
-    def _infer(self, images: List[_Image], jobs, pairs) -> List[Tuple[int, Result]]:
+    def _infer(self, images: List[_Image], jobs) -> "CandidateBatch":
         timer = StageTimer(self.device)
         precision = (
             torch.autocast(device_type="cuda", dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
@@ -257,8 +271,21 @@ class Pipeline:
                 image_features=ImageFeatures(features.mask_features[rows], [m[rows] for m in features.multi_scale]),
                 timer=timer,
             )
+        pairs_per_image = [sum(1 for _, p, _, _ in jobs if p == position) for position in range(len(images))]
+        load_ms = [images[p].load_ms / pairs_per_image[p] for _, p, _, _ in jobs]
+        return CandidateBatch(
+            indices=[index for index, _, _, _ in jobs],
+            images=[images[p].rgb for _, p, _, _ in jobs],
+            candidates=Candidates.from_outputs(outputs, self.query_source),
+            outputs=outputs,
+            timer=timer,
+            load_ms=load_ms,
+        )
+
+    def _results(self, batch: "CandidateBatch", pairs) -> List[Tuple[int, Result]]:
+        """Gate decision and Results for one model run."""
+        timer, candidates, outputs, count = batch.timer, batch.candidates, batch.outputs, len(batch.indices)
         with torch.inference_mode():
-            candidates = Candidates.from_outputs(outputs, self.query_source)
             with timer("signatures"):
                 stats, grids = candidates.gate_features()
             with timer("gate"):
@@ -266,41 +293,50 @@ class Pipeline:
                     decision = self.gate.decide(candidates.query_embed.float(), candidates.scores.float(), stats, grids)
                     selected, p_fail = decision.selected, decision.p_fail.tolist()
                 else:
-                    selected, p_fail = candidates.default_index, [None] * len(jobs)
+                    selected, p_fail = candidates.default_index, [None] * count
             with timer("postprocess"):
                 binary = candidates.binary_masks(self.config.mask_threshold).cpu()
                 answers = deris_answer_mask(outputs["mask_logits"], outputs["scores"], self.config.score_threshold).cpu()
                 order = candidates.order.cpu()
                 scores = candidates.scores.float().cpu()
                 selected, default = selected.cpu(), candidates.default_index.cpu()
-        shared = {stage: ms / len(jobs) for stage, ms in timer.ms.items()}
+        shared = {stage: ms / count for stage, ms in timer.ms.items()}
         results = []
-        for b, (index, position, _, _) in enumerate(jobs):
-            image = images[position]
-            size = tuple(image.rgb.shape[:2])
+        for b, index in enumerate(batch.indices):
+            size = tuple(batch.images[b].shape[:2])
             slot_order = order[b].tolist()
             chosen, first = int(selected[b]), int(default[b])
-            results.append(
-                (
-                    index,
-                    Result(
-                        text=pairs[index][1],
-                        mask=resize_mask_nearest(binary[b, chosen], size).numpy(),
-                        selected=slot_order.index(chosen),
-                        switched=chosen != first,
-                        p_fail=p_fail[b],
-                        scores=scores[b, order[b]].tolist(),
-                        slots=slot_order,
-                        deris_mask=resize_mask_nearest(answers[b], size).numpy(),
-                        default_mask=resize_mask_nearest(binary[b, first], size).numpy(),
-                        existence=float(candidates.existence[b]),
-                        timings={"load": image.load_ms / len([j for j in jobs if j[1] == position]), **shared},
-                        image=image.rgb,
-                        _candidate_masks=_LazyMasks(binary[b, order[b]], size),
-                    ),
-                )
+            result = Result(
+                text=pairs[index][1],
+                mask=resize_mask_nearest(binary[b, chosen], size).numpy(),
+                selected=slot_order.index(chosen),
+                switched=chosen != first,
+                p_fail=p_fail[b],
+                scores=scores[b, order[b]].tolist(),
+                slots=slot_order,
+                deris_mask=resize_mask_nearest(answers[b], size).numpy(),
+                default_mask=resize_mask_nearest(binary[b, first], size).numpy(),
+                existence=float(candidates.existence[b]),
+                timings={"load": batch.load_ms[b], **shared},
+                image=batch.images[b],
+                _candidate_masks=_LazyMasks(binary[b, order[b]], size),
             )
+            results.append((index, result))
         return results
+
+
+@dataclass
+class CandidateBatch:
+    """One model run: pairs `indices` (into the caller's list), their RGB images, DeRIS's raw
+    `outputs` and `candidates` (on the pipeline's device), the stage timer of the run, and each
+    pair's share of its image's decode time (ms)."""
+
+    indices: List[int]
+    images: List[np.ndarray]
+    candidates: Candidates
+    outputs: Dict[str, torch.Tensor]
+    timer: StageTimer
+    load_ms: List[float]
 
 
 class _LazyMasks:
@@ -311,6 +347,11 @@ class _LazyMasks:
 
     def __call__(self) -> np.ndarray:
         return resize_mask_nearest(self.masks_384, self.size).numpy()
+
+
+def _image_key(image: Any) -> Any:
+    """Pairs with equal keys share an image: the resolved path, or the object itself."""
+    return str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else id(image)
 
 
 def _checked_text(text: Any) -> str:
