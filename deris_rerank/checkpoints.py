@@ -193,6 +193,27 @@ def load_deris(source: Any, config: Any = None, device: Any = None, dtype: Optio
     return model.to(device=device, dtype=dtype).eval()
 
 
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 of a DeRIS checkpoint's weights: the one recorded in our folder's config.json, else the file's."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir() or path.suffix == ".safetensors":
+        recorded = read_json(folder / DERIS_CONFIG_FILE, "DeRIS config").get("sha256", {}).get(DERIS_WEIGHTS_FILE)
+        if recorded:
+            return recorded
+        path = folder / DERIS_WEIGHTS_FILE
+    return file_sha256(path)
+
+
 def save_deris(model: torch.nn.Module, folder: str | Path) -> Path:
     """Write `folder/model.safetensors` (our key names) and `folder/config.json` with its sha256."""
     folder = Path(folder).expanduser()
@@ -200,11 +221,7 @@ def save_deris(model: torch.nn.Module, folder: str | Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         weights = atomic_write(folder / DERIS_WEIGHTS_FILE, lambda tmp: save_safetensors(state, tmp, metadata={"format": DERIS_FORMAT_NAME}))
-        digest = hashlib.sha256()
-        with open(weights, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        sidecar = {"format": DERIS_FORMAT_NAME, "config": model.config.to_dict(), "sha256": {DERIS_WEIGHTS_FILE: digest.hexdigest()}}
+        sidecar = {"format": DERIS_FORMAT_NAME, "config": model.config.to_dict(), "sha256": {DERIS_WEIGHTS_FILE: file_sha256(weights)}}
         atomic_write(folder / DERIS_CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     except OSError as exc:
         raise OutputError(f"cannot write DeRIS weights to {folder}: {exc.strerror or exc}; choose a writable folder") from None

@@ -6,6 +6,7 @@ Each subcommand is a small function over the library API. Mistakes a user can fi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -14,6 +15,7 @@ from typing import List, Optional
 
 from .errors import DerisRerankError
 from .version import __version__
+from .workflow.train_gate import FEATURE_SETS, TrainSettings
 
 
 def _add_rule_overrides(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +98,68 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _samples(args: argparse.Namespace):
+    """The pairs of one split: an annotation file/folder, or generated RefShapes."""
+    if args.data == "refshapes":
+        from .data.refshapes import RefShapes
+
+        size = (args.refshapes_size, args.refshapes_size)
+        return list(RefShapes(args.split, num_images=args.refshapes_images, seed=args.refshapes_seed,
+                              image_size=size, mode=args.refshapes_mode))
+    from .data.refcoco import load_split
+    from .errors import InputError
+
+    if not args.images:
+        raise InputError("--images (the COCO image folder) is needed with an annotation file")
+    return load_split(args.data, Path(args.images), args.split)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Run DeRIS over a split and write its Venice-H1 feature cache."""
+    from .errors import InputError
+    from .pipeline import Pipeline
+    from .workflow.extract import extract_split
+
+    index, _, count = args.worker.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise InputError(f"--worker must look like 0/2 (this worker / number of workers), got {args.worker!r}")
+    samples = _samples(args)
+    pipe = Pipeline(deris=args.deris, gate=False, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                    query_source=args.query_source)
+    counts = extract_split(pipe, samples, Path(args.out), shard_size=args.shard_size, batch_size=args.batch_size,
+                           protocol=args.iou_at, worker=(int(index), int(count)), progress=not args.quiet)
+    print(json.dumps({"split": args.split, **counts}))
+    return 1 if counts["failed"] else 0
+
+
+def cmd_train_gate(args: argparse.Namespace) -> int:
+    """Train a Venice-H1 gate on caches; pick its decision settings on the tuning caches."""
+    import torch
+
+    from .gate import save_gate
+    from .workflow.train_gate import choose_rule, load_gate_data, train_gate
+
+    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    gate = train_gate(load_gate_data([Path(p) for p in args.train]), settings, device=device,
+                      log=(lambda line: None) if args.quiet else print)
+    gate.rule, tuned = choose_rule(gate, load_gate_data([Path(p) for p in args.tune]), settings)
+    written = save_gate(gate.cpu(), args.out)
+    print(json.dumps({"gate": str(written), "rule": gate.settings()["rule"], **tuned}))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Metrics of DeRIS alone, with the gate, and the oracle, per split and overall."""
+    from .gate import load_gate
+    from .workflow.evaluate import evaluate_caches, markdown
+
+    gate = None if args.gate is None else load_gate(args.gate, tau=args.tau)
+    report = evaluate_caches([Path(p) for p in args.cache], gate, Path(args.out))
+    print(markdown(report))
+    return 0
+
+
 def cmd_convert_gate(args: argparse.Namespace) -> int:
     """Convert a Venice-H1 gate checkpoint to safetensors + JSON."""
     from .gate import load_gate, save_gate
@@ -155,6 +219,69 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_pipeline_options(batch)
     batch.set_defaults(run=cmd_batch)
+
+    extract = commands.add_parser(
+        "extract",
+        help="run DeRIS over a split and write its Venice-H1 feature cache",
+        description="Writes OUT/<split>/shard_*.safetensors (resumable: complete shards are skipped). --data is "
+        "an annotation file (SeqTR-style mixed JSON, gRefCOCO JSON) or a refer folder (refs(unc).p + instances.json), "
+        "or 'refshapes' for generated RefShapes data.",
+    )
+    extract.add_argument("--data", required=True, help="annotation file / refer folder, or 'refshapes'")
+    extract.add_argument("--split", required=True, help="split name, e.g. val_refcoco_unc (RefShapes: any name)")
+    extract.add_argument("--images", help="image folder (e.g. COCO train2014) for annotation files")
+    extract.add_argument("--out", required=True, help="cache folder")
+    extract.add_argument("--iou-at", default="384", choices=["384", "original"],
+                         help="IoU at the 384 input (DeRIS's evaluation, default) or at the original image size")
+    extract.add_argument("--shard-size", type=int, default=10_000, help="pairs per shard (default 10000)")
+    extract.add_argument("--batch-size", type=int, default=8)
+    extract.add_argument("--worker", default="0/1", help="i/K: this process takes shards k with k %% K == i")
+    extract.add_argument("--query-source", default="perception", choices=["perception", "cognition"])
+    extract.add_argument("--refshapes-images", type=int, default=1000, help="RefShapes: number of images")
+    extract.add_argument("--refshapes-seed", type=int, default=0, help="RefShapes: seed")
+    extract.add_argument("--refshapes-size", type=int, default=256, help="RefShapes: image side in pixels")
+    extract.add_argument("--refshapes-mode", default="ris", choices=["ris", "gres"])
+    extract.add_argument("--quiet", action="store_true")
+    extract.add_argument("--deris", help="DeRIS checkpoint (official .pth, converted folder or preset name)")
+    extract.add_argument("--tokenizer", help="BEiT-3 sentencepiece model")
+    extract.add_argument("--device", default="auto")
+    extract.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    extract.set_defaults(run=cmd_extract)
+
+    train = commands.add_parser(
+        "train-gate",
+        help="train a Venice-H1 gate on feature caches",
+        description="Trains the released Venice-H1 architecture (recipe of the Venice-H1 card by default) and picks "
+        "tau (optionally temperature and margin) on the --tune caches, never on evaluation data. Writes "
+        "OUT.safetensors + OUT.json.",
+    )
+    train.add_argument("--train", nargs="+", required=True, help="training cache split folders")
+    train.add_argument("--tune", nargs="+", required=True, help="tuning cache split folders (not the evaluation split)")
+    train.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
+    for setting in dataclasses.fields(TrainSettings):
+        flag, value = "--" + setting.name.replace("_", "-"), setting.default
+        if isinstance(value, bool):
+            train.add_argument(flag, dest=setting.name, action=argparse.BooleanOptionalAction, default=value)
+        elif setting.name == "features":
+            train.add_argument(flag, dest=setting.name, choices=sorted(FEATURE_SETS), default=value,
+                               help="feature ablation: full, base (no grid signatures) or one grid scale")
+        else:
+            train.add_argument(flag, dest=setting.name, type=type(value), default=value, help=f"default {value}")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(run=cmd_train_gate)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="metrics of DeRIS, DeRIS + gate and the oracle on feature caches",
+        description="Writes OUT/metrics.json, OUT/metrics.md and plots (roc.png, coverage_risk.png, per_split.png) "
+        "and prints the table with its protocol.",
+    )
+    evaluate.add_argument("--cache", nargs="+", required=True, help="cache split folders to evaluate")
+    evaluate.add_argument("--gate", help="gate checkpoint (omit to evaluate DeRIS alone)")
+    evaluate.add_argument("--tau", type=float, help="override the gate's tau")
+    evaluate.add_argument("--out", required=True, help="report folder")
+    evaluate.set_defaults(run=cmd_evaluate)
 
     convert = commands.add_parser(
         "convert",

@@ -27,16 +27,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoints import state_dict_mismatch
 from .errors import CheckpointError, InputError, OutputError
 from .fileio import atomic_write, read_json, read_safetensors, read_torch_file
-from .signatures import GRID_SIGNATURE_DIM
+from .signatures import GRID_SIGNATURE_DIM, GRID_SIZES, grid_scale_mask
 
 FORMAT_NAME = "deris-rerank-gate"
 FORMAT_VERSION = 1
@@ -56,6 +56,7 @@ class GateConfig:
     n_queries: int = 10
     use_grid: bool = True
     dropout: float = 0.1
+    grid_scales: Tuple[int, ...] = GRID_SIZES  # an ablation keeps fewer scales: the others are zeroed
 
     @property
     def feature_dim(self) -> int:
@@ -90,6 +91,25 @@ class GateDecision:
     switched: torch.Tensor
 
 
+def apply_rule(rule: DecisionRule, default_index: Tensor, p_fail_logit: Tensor, gain: Tensor) -> GateDecision:
+    """The keep/switch decision from the network's outputs (see the module docstring).
+
+    default_index [B] int64, p_fail_logit [B], gain [B, N] raw predicted gains.
+    """
+    rank = gain - gain.gather(1, default_index[:, None])
+    p_fail = torch.sigmoid(p_fail_logit / rule.temp)
+    is_default = torch.arange(rank.shape[1], device=rank.device)[None, :] == default_index[:, None]
+    alternatives = rank.masked_fill(is_default, float("-inf"))
+    top = alternatives.topk(min(2, rank.shape[1]), dim=1).values
+    use_rerank = p_fail > rule.tau
+    if rule.margin_pred is not None:
+        use_rerank &= top[:, 0] > rule.margin_pred
+    if rule.margin_gap > 0 and top.shape[1] > 1:
+        use_rerank &= (top[:, 0] - top[:, 1]) > rule.margin_gap
+    selected = torch.where(use_rerank, rank.argmax(dim=1), default_index)
+    return GateDecision(p_fail_logit, p_fail, rank, default_index, selected, selected != default_index)
+
+
 def _transformer(cfg: GateConfig) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(
         d_model=cfg.hidden_dim,
@@ -119,6 +139,14 @@ class VeniceGate(nn.Module):
         """Concatenate per-candidate inputs in this architecture's order: [B, N, feature_dim]."""
         raise NotImplementedError
 
+    def grid_inputs(self, grid_sigs: Tensor) -> list:
+        """[grid_sigs] with the scales outside `config.grid_scales` zeroed; [] without grid inputs."""
+        if not self.config.use_grid:
+            return []
+        if tuple(self.config.grid_scales) == GRID_SIZES:
+            return [grid_sigs]
+        return [grid_sigs * grid_scale_mask(self.config.grid_scales).to(grid_sigs)]
+
     def heads(self, hidden: torch.Tensor, scores: torch.Tensor, mask_mean: torch.Tensor):
         """From attended candidates [B, N, H]: (default_index [B], p_fail_logit [B], gain [B, N])."""
         raise NotImplementedError
@@ -136,22 +164,9 @@ class VeniceGate(nn.Module):
 
     @torch.no_grad()
     def decide(self, query_embed, scores, mask_stats, grid_sigs=None) -> GateDecision:
-        """Run the gate and apply the decision rule. Shapes as in `forward`; batched only."""
+        """Run the gate and apply its decision rule. Shapes as in `forward`; batched only."""
         inputs = self._checked_inputs(query_embed, scores, mask_stats, grid_sigs)
-        default_index, p_fail_logit, gain = self(*inputs)
-        rank = gain - gain.gather(1, default_index[:, None])
-        p_fail = torch.sigmoid(p_fail_logit / self.rule.temp)
-
-        is_default = torch.arange(rank.shape[1], device=rank.device)[None, :] == default_index[:, None]
-        alternatives = rank.masked_fill(is_default, float("-inf"))
-        top = alternatives.topk(min(2, rank.shape[1]), dim=1).values
-        use_rerank = p_fail > self.rule.tau
-        if self.rule.margin_pred is not None:
-            use_rerank &= top[:, 0] > self.rule.margin_pred
-        if self.rule.margin_gap > 0 and top.shape[1] > 1:
-            use_rerank &= (top[:, 0] - top[:, 1]) > self.rule.margin_gap
-        selected = torch.where(use_rerank, rank.argmax(dim=1), default_index)
-        return GateDecision(p_fail_logit, p_fail, rank, default_index, selected, selected != default_index)
+        return apply_rule(self.rule, *self(*inputs))
 
     def _checked_inputs(self, query_embed, scores, mask_stats, grid_sigs):
         cfg = self.config
@@ -208,8 +223,7 @@ class ReleasedGate(VeniceGate):
         self.failure_head = nn.Linear(h // 4, 1)
 
     def candidate_features(self, query_embed, scores, mask_stats, grid_sigs):
-        parts = [query_embed, mask_stats, scores[..., None]]
-        return torch.cat(parts + ([grid_sigs] if self.config.use_grid else []), dim=-1)
+        return torch.cat([query_embed, mask_stats, scores[..., None], *self.grid_inputs(grid_sigs)], dim=-1)
 
     def heads(self, hidden, scores, mask_mean):
         default_index = scores.argmax(dim=1)
@@ -247,8 +261,7 @@ class PackagedGate(VeniceGate):
         self.gain_predictor = _Net(nn.Linear(h, h // 2), nn.ReLU(), nn.Linear(h // 2, 1))
 
     def candidate_features(self, query_embed, scores, mask_stats, grid_sigs):
-        parts = [query_embed, scores[..., None], mask_stats]
-        return torch.cat(parts + ([grid_sigs] if self.config.use_grid else []), dim=-1)
+        return torch.cat([query_embed, scores[..., None], mask_stats, *self.grid_inputs(grid_sigs)], dim=-1)
 
     def heads(self, hidden, scores, mask_mean):
         default_index = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
@@ -270,6 +283,7 @@ _SETTING_ALIASES = {
     "query_dim": ("query_dim", "query_feat_dim"),
     "use_grid": ("use_grid",),
     "dropout": ("dropout",),
+    "grid_scales": ("grid_scales",),
 }
 
 
@@ -286,7 +300,7 @@ def _find_settings(checkpoint: Mapping[str, Any]) -> Dict[str, Any]:
         for name, aliases in _SETTING_ALIASES.items():
             for alias in aliases:
                 value = level.get(alias)
-                if isinstance(value, (int, float, bool)) or (torch.is_tensor(value) and value.numel() == 1):
+                if isinstance(value, (int, float, bool, list, tuple)) or (torch.is_tensor(value) and value.numel() == 1):
                     found[name] = value.item() if torch.is_tensor(value) else value
     return found
 
@@ -328,6 +342,7 @@ def _config_from_state_dict(state: Mapping[str, torch.Tensor], settings: Mapping
         n_queries=int(n_queries),
         use_grid=use_grid,
         dropout=float(settings.get("dropout", 0.1)),
+        grid_scales=tuple(int(g) for g in settings.get("grid_scales", GRID_SIZES)),
     )
 
 

@@ -129,7 +129,7 @@ class Pipeline:
             )
         self.device = _resolve_device(device)
         self.autocast_dtype = _resolve_dtype(dtype, self.device)
-        deris_path = _resolve_deris(deris)
+        self.deris_path = deris_path = _resolve_deris(deris)
         self.model: DerisModel = load_deris(deris_path, device=self.device)
         self.config = self.model.config
         self.tokenizer = Beit3Tokenizer(self._resolve_tokenizer(tokenizer, deris_path))

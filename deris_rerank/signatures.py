@@ -16,7 +16,7 @@ processed in float64; every other floating dtype (float32, bfloat16, float16) in
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,12 @@ def grid_signatures(mask_logits: torch.Tensor) -> torch.Tensor:
         vertical = (grid_mean[..., 1:, :] - grid_mean[..., :-1, :]).abs().mean(dim=(-2, -1))
         parts += [grid_mean.flatten(1), grid_max.flatten(1), 0.5 * (horizontal + vertical)]
     return torch.cat(parts, dim=-1).reshape(*lead, GRID_SIGNATURE_DIM)
+
+
+def grid_scale_mask(scales: Sequence[int]) -> torch.Tensor:
+    """float [675]: 1 on the fields of the grid sizes in `scales`, 0 elsewhere (for ablations)."""
+    keep = [float(int(name.rsplit("_", 1)[1]) in scales) for name, size in GRID_FIELDS for _ in range(size)]
+    return torch.tensor(keep)
 
 
 def split_grid_signature(signature: torch.Tensor) -> Dict[str, torch.Tensor]:

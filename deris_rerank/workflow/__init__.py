@@ -1,0 +1,1 @@
+"""The Venice-H1 workflow: extract candidate features, train a gate, evaluate."""

@@ -1,0 +1,164 @@
+"""`deris-rerank extract`: run DeRIS over a split and write its Venice-H1 feature cache.
+
+Per pair: the candidates' query embeddings, referring scores (slot order), 4 mask statistics,
+9 grid-signature fields, the IoU of every candidate with the ground truth, the oracle slot,
+and DeRIS's own answer's IoU (see `cache.py` for the fields).
+
+IoU protocols: "384" (default, as DeRIS's own evaluation): candidate masks binarised at the
+perception size (sigmoid >= 0.5), ground truth resized there with nearest; "original": the
+candidates resized (nearest) to the image and compared with the full-size ground truth. An
+empty prediction against an empty ground truth (a no-target expression) scores IoU 1.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..checkpoints import checkpoint_sha256
+from ..data.sample import ReferringSample
+from ..errors import InputError
+from ..pipeline import CandidateBatch, Pipeline
+from ..preprocess import deris_answer_mask, resize_mask_nearest
+from ..signatures import MASK_STAT_NAMES, split_grid_signature
+from ..version import __version__
+from .cache import shard_ids, shard_path, write_shard
+
+IOU_PROTOCOLS = ("384", "original")
+
+
+def mask_overlap(pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(IoU, intersection, union) of bool masks pred [..., H, W] and target [..., H, W] (broadcast).
+
+    IoU is 1 where both are empty. Counts are int64.
+    """
+    inter = (pred & target).sum(dim=(-2, -1))
+    union = (pred | target).sum(dim=(-2, -1))
+    iou = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), torch.ones_like(inter, dtype=torch.float64))
+    return iou, inter, union
+
+
+def pair_features(batch: CandidateBatch, targets: List[np.ndarray], config, protocol: str) -> Dict[str, torch.Tensor]:
+    """Cache fields for the pairs of one model run (CPU tensors, first dim = pairs)."""
+    candidates = batch.candidates
+    stats, grids = candidates.gate_features()
+    binary = candidates.binary_masks(config.mask_threshold).cpu()
+    answer = deris_answer_mask(batch.outputs["mask_logits"], batch.outputs["scores"], config.score_threshold).cpu()
+    overlaps = []
+    for b, target in enumerate(targets):
+        target = torch.from_numpy(target)
+        if protocol == "384":
+            target = resize_mask_nearest(target, binary.shape[-2:])
+            preds, union_pred = binary[b], answer[b]
+        else:
+            preds = resize_mask_nearest(binary[b], target.shape)
+            union_pred = resize_mask_nearest(answer[b], target.shape)
+        overlaps.append((mask_overlap(preds, target), mask_overlap(union_pred, target)))
+    fields = {
+        "query_feat": candidates.query_embed.float().cpu(),
+        "det_scores": candidates.scores.float().cpu(),
+        "query_ious": torch.stack([o[0][0] for o in overlaps]).float(),
+        "query_inter": torch.stack([o[0][1] for o in overlaps]),
+        "query_union": torch.stack([o[0][2] for o in overlaps]),
+        "union_iou": torch.stack([o[1][0] for o in overlaps]).float(),
+        "union_inter": torch.stack([o[1][1] for o in overlaps]),
+        "union_union": torch.stack([o[1][2] for o in overlaps]),
+        "existence": candidates.existence.float().cpu(),
+    }
+    fields["oracle_idx"] = fields["query_ious"].argmax(dim=1)
+    fields.update({name: stats[..., k].float().cpu() for k, name in enumerate(MASK_STAT_NAMES)})
+    fields.update({name: value.float().cpu() for name, value in split_grid_signature(grids).items()})
+    return fields
+
+
+def extract_split(
+    pipe: Pipeline,
+    samples: Sequence[ReferringSample],
+    out_dir: Path,
+    shard_size: int = 10_000,
+    batch_size: int = 8,
+    protocol: str = "384",
+    worker: Tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> Dict[str, int]:
+    """Write the cache of one split under `out_dir/<split>/`. Resumable: complete shards are skipped.
+
+    worker (i, K): this process handles the shards k with k % K == i, so K processes (e.g. one
+    per GPU) can share a split. Returns counts of pairs written, skipped and failed.
+    """
+    if protocol not in IOU_PROTOCOLS:
+        raise InputError(f"IoU protocol must be one of {IOU_PROTOCOLS}, got {protocol!r}")
+    if not samples:
+        raise InputError("the split has no pairs")
+    splits = {s.split for s in samples}
+    if len(splits) != 1:
+        raise InputError(f"extract one split at a time, got {sorted(splits)}")
+    split_dir = Path(out_dir) / splits.pop()
+    provenance = {
+        "checkpoint": str(pipe.deris_path),
+        "checkpoint_sha256": checkpoint_sha256(pipe.deris_path),
+        "config": pipe.config.to_dict(),
+        "package_version": __version__,
+        "iou_protocol": protocol,
+        "query_source": pipe.query_source,
+        "batch_semantics": pipe.batch_semantics,
+    }
+    index, count = worker
+    shards = [k for k in range(-(-len(samples) // shard_size)) if k % count == index]
+    counts = {"written": 0, "skipped": 0, "failed": 0}
+    total = sum(len(samples[k * shard_size : (k + 1) * shard_size]) for k in shards)
+    with tqdm(total=total, unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+        for k in shards:
+            part = samples[k * shard_size : (k + 1) * shard_size]
+            path = shard_path(split_dir, k)
+            if path.is_file() and _complete(path, part, split_dir):
+                counts["skipped"] += len(part)
+                bar.update(len(part))
+                continue
+            written, failed = _extract_shard(pipe, part, path, batch_size, protocol, provenance, bar)
+            counts["written"] += written
+            counts["failed"] += failed
+    return counts
+
+
+def _complete(path: Path, part: Sequence[ReferringSample], split_dir: Path) -> bool:
+    """A shard is complete when it holds every pair of its range that did not fail."""
+    failed = {json.loads(line)["id"] for line in _error_lines(split_dir)}
+    return shard_ids(path) == [s.id for s in part if s.id not in failed]
+
+
+def _error_lines(split_dir: Path) -> List[str]:
+    errors = split_dir / "errors.jsonl"
+    return [line for line in errors.read_text().splitlines() if line.strip()] if errors.is_file() else []
+
+
+def _extract_shard(pipe, part, path, batch_size, protocol, provenance, bar) -> Tuple[int, int]:
+    pairs = [(s.image, s.text, s.image_id or s.id) for s in part]
+    collected: Dict[int, Dict[str, torch.Tensor]] = {}
+    failed: List[dict] = []
+    for item in pipe.iter_candidates(pairs, batch_size=batch_size):
+        if isinstance(item, CandidateBatch):
+            targets = [part[i].target_mask() for i in item.indices]
+            fields = pair_features(item, targets, pipe.config, protocol)
+            for b, i in enumerate(item.indices):
+                collected[i] = {name: value[b] for name, value in fields.items()}
+            bar.update(len(item.indices))
+        else:
+            i, error = item
+            failed.append({"id": part[i].id, "error": str(error)})
+            bar.update(1)
+    order = sorted(collected)
+    if order:
+        tensors = {name: torch.stack([collected[i][name] for i in order]) for name in collected[order[0]]}
+        write_shard(path, tensors, [part[i].id for i in order], provenance)
+    if failed:
+        errors = path.parent / "errors.jsonl"
+        known = {json.loads(line)["id"] for line in _error_lines(path.parent)}
+        with open(errors, "a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(e) + "\n" for e in failed if e["id"] not in known)
+    return len(order), len(failed)
+
