@@ -26,7 +26,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pycocotools>=2.0.6"],
+        "data": ["pycocotools>=2.0.6"],
+        "plots": ["matplotlib>=3.6"],
+        "test": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.6"],
     },
     entry_points={"console_scripts": ["deris-rerank=deris_rerank.cli:main"]},
 )

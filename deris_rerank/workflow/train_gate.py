@@ -168,7 +168,8 @@ def gate_outputs(gate: VeniceGate, data: GateData, batch_size: int = 4096) -> Tu
         for start in range(0, len(data), batch_size):
             rows = slice(start, start + batch_size)
             inputs = (data.query_feat[rows], data.scores[rows], data.mask_stats[rows], data.grid[rows])
-            outs.append([t.float().cpu() for t in gate(*(x.to(device) for x in inputs))])
+            default_index, logit, gain = gate(*(x.to(device) for x in inputs))
+            outs.append([default_index.cpu(), logit.float().cpu(), gain.float().cpu()])
     return tuple(torch.cat([o[k] for o in outs]) for k in range(3))
 
 
@@ -212,7 +213,7 @@ def train_gate(
             scaler.update()
             scheduler.step()
             for key, value in (("loss", loss), ("gate", gate_loss), ("gain", gain_loss)):
-                totals[key] += float(value) * len(rows)
+                totals[key] += float(value.detach()) * len(rows)
         log(f"epoch {epoch + 1}/{settings.epochs}: " + ", ".join(f"{k} {v / len(train):.4f}" for k, v in totals.items()))
     return gate.eval()
 

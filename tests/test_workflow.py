@@ -1,0 +1,126 @@
+"""extract -> train-gate -> evaluate, end to end on RefShapes with the test-sized model."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deris_rerank import Pipeline, cli
+from deris_rerank.data import RefShapes
+from deris_rerank.gate import load_gate
+from deris_rerank.preprocess import resize_mask_nearest
+from deris_rerank.workflow.cache import read_cache
+from deris_rerank.workflow.extract import mask_overlap
+from deris_rerank.workflow.train_gate import load_gate_data
+
+SMALL = ["--hidden-dim", "32", "--n-layers", "1", "--n-heads", "4", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16"]
+
+
+def extract(tiny_model_dir, cache, split, images, seed, *extra):
+    return cli.main(["extract", "--data", "refshapes", "--split", split, "--refshapes-images", str(images),
+                     "--refshapes-seed", str(seed), "--refshapes-size", "128", "--out", str(cache), "--quiet",
+                     "--deris", str(tiny_model_dir / "deris"), "--device", "cpu", *extra])
+
+
+@pytest.fixture(scope="module")
+def caches(tiny_model_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    for split, images, seed in (("train", 10, 1), ("tune", 6, 2), ("val", 6, 3)):
+        assert extract(tiny_model_dir, cache, split, images, seed, "--shard-size", "8") == 0
+    return cache
+
+
+def test_cache_fields_and_ious_match_a_direct_computation(caches, tiny_model_dir):
+    tensors, ids, provenance = read_cache([caches / "val"])
+    samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
+    assert ids == [s.id for s in samples] and len(provenance) == 1
+    assert provenance[0]["iou_protocol"] == "384" and len(provenance[0]["checkpoint_sha256"]) == 64
+    p, n = len(ids), 10
+    assert tensors["query_feat"].shape == (p, n, 64) and tensors["det_scores"].shape == (p, n)
+    assert tensors["grid_mean_16"].shape == (p, n, 256) and tensors["boundary_4"].shape == (p, n)
+    assert tensors["oracle_idx"].tolist() == tensors["query_ious"].argmax(1).tolist()
+    # recompute pair 2 by hand through the pipeline
+    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu")
+    sample = samples[2]
+    batch = next(pipe.iter_candidates([(sample.image, sample.text)]))
+    binary = batch.candidates.binary_masks()[0]
+    target = resize_mask_nearest(torch.from_numpy(sample.target_mask()), binary.shape[-2:])
+    iou, inter, union = mask_overlap(binary, target)
+    assert np.allclose(tensors["query_ious"][2], iou.numpy(), atol=1e-6)
+    assert tensors["query_inter"][2].tolist() == inter.tolist() and tensors["query_union"][2].tolist() == union.tolist()
+    assert np.allclose(tensors["det_scores"][2], batch.candidates.scores[0].numpy(), atol=1e-6)
+
+
+def test_extract_resumes_and_splits_work_between_workers(caches, tiny_model_dir, tmp_path, capsys):
+    capsys.readouterr()
+    assert extract(tiny_model_dir, caches, "train", 10, 1, "--shard-size", "8") == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == len(RefShapes("train", num_images=10, seed=1))
+    for worker in ("0/2", "1/2"):
+        assert extract(tiny_model_dir, tmp_path, "train", 10, 1, "--shard-size", "8", "--worker", worker) == 0
+    whole, whole_ids, _ = read_cache([caches / "train"])
+    parts, part_ids, _ = read_cache([tmp_path / "train"])
+    assert part_ids == whole_ids
+    for key, value in whole.items():
+        assert np.allclose(parts[key], value, atol=1e-6), key
+
+
+def test_train_gate_is_deterministic_and_tunes_tau_on_the_tuning_split(caches, tmp_path, capsys):
+    runs = []
+    for name in ("a", "b"):
+        code = cli.main(["train-gate", "--train", str(caches / "train"), "--tune", str(caches / "tune"),
+                         "--out", str(tmp_path / name), "--device", "cpu", "--quiet", *SMALL])
+        assert code == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    a, b = load_gate(tmp_path / "a.safetensors"), load_gate(tmp_path / "b.safetensors")
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert runs[0]["rule"] == runs[1]["rule"] and runs[0]["tune_pairs"] == len(RefShapes("tune", num_images=6, seed=2))
+    assert a.config.hidden_dim == 32 and a.config.query_dim == 64
+    # tau is the best on the tuning split: no other tau on the grid does better there
+    from deris_rerank.workflow.train_gate import TAU_GRID, delta_full, gate_outputs
+    from deris_rerank.gate import apply_rule
+    import dataclasses
+
+    tune = load_gate_data([caches / "tune"])
+    outputs = gate_outputs(a, tune)
+    best = delta_full(tune, apply_rule(a.rule, *outputs).selected)
+    assert best == pytest.approx(runs[0]["tune_delta_full"])
+    assert all(delta_full(tune, apply_rule(dataclasses.replace(a.rule, tau=t), *outputs).selected) <= best + 1e-9 for t in TAU_GRID)
+
+
+def test_feature_ablations(caches, tmp_path, capsys):
+    for features in ("base", "grid16"):
+        assert cli.main(["train-gate", "--train", str(caches / "train"), "--tune", str(caches / "tune"), "--out",
+                         str(tmp_path / features), "--device", "cpu", "--quiet", "--features", features, *SMALL]) == 0
+    capsys.readouterr()
+    base, single = load_gate(tmp_path / "base.safetensors"), load_gate(tmp_path / "grid16.safetensors")
+    assert not base.config.use_grid and single.config.grid_scales == (16,)
+    data = load_gate_data([caches / "val"])
+    changed = data.grid.clone()
+    changed[..., :162] = torch.rand_like(changed[..., :162])  # the 4x4 and 8x8 fields
+    inputs = (data.query_feat, data.scores, data.mask_stats)
+    assert torch.equal(single.decide(*inputs, data.grid).rank, single.decide(*inputs, changed).rank)
+    assert not torch.equal(single.decide(*inputs, data.grid).rank, single.decide(*inputs, changed[..., torch.randperm(675)]).rank)
+
+
+def test_evaluate_writes_report_and_numbers_match_the_cache(caches, tmp_path, capsys):
+    assert cli.main(["train-gate", "--train", str(caches / "train"), "--tune", str(caches / "tune"), "--out",
+                     str(tmp_path / "gate"), "--device", "cpu", "--quiet", *SMALL]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--cache", str(caches / "val"), str(caches / "tune"), "--gate",
+                     str(tmp_path / "gate.safetensors"), "--out", str(tmp_path / "report")]) == 0
+    table = capsys.readouterr().out
+    assert "Protocol:" in table and "| val |" in table and "| overall |" in table
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    for name in ("metrics.md", "roc.png", "coverage_risk.png", "per_split.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    tensors, _, _ = read_cache([caches / "val"])
+    default = tensors["det_scores"].argmax(1)
+    q0 = 100 * tensors["query_ious"][np.arange(len(default)), default].mean()
+    assert report["splits"]["val"]["q0_miou"] == pytest.approx(q0, abs=1e-4)
+    assert report["splits"]["val"]["oracle_miou"] == pytest.approx(100 * tensors["query_ious"].max(1).mean(), abs=1e-4)
+    assert report["overall"]["pairs"] == report["splits"]["val"]["pairs"] + report["splits"]["tune"]["pairs"]
+    assert report["protocol"]["iou"] == ["384"] and report["protocol"]["gate"]["tau"] is not None
+    assert cli.main(["evaluate", "--cache", str(caches / "val"), "--out", str(tmp_path / "alone")]) == 0
+    alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())["overall"]
+    assert alone["delta_full"] == 0 and alone["switch_rate"] == 0
