@@ -125,7 +125,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         raise InputError(f"--worker must look like 0/2 (this worker / number of workers), got {args.worker!r}")
     samples = _samples(args)
     pipe = Pipeline(deris=args.deris, gate=False, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                    query_source=args.query_source)
+                    query_source=args.query_source, batch_semantics=args.batch_semantics)
     counts = extract_split(pipe, samples, Path(args.out), shard_size=args.shard_size, batch_size=args.batch_size,
                            protocol=args.iou_at, worker=(int(index), int(count)), progress=not args.quiet)
     print(json.dumps({"split": args.split, **counts}))
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--batch-size", type=int, default=8)
     extract.add_argument("--worker", default="0/1", help="i/K: this process takes shards k with k %% K == i")
     extract.add_argument("--query-source", default="perception", choices=["perception", "cognition"])
+    extract.add_argument("--batch-semantics", default="per_sample", choices=["per_sample", "upstream"],
+                         help="upstream: reproduce upstream's batch-coupled loopback (results depend on the batch)")
     extract.add_argument("--refshapes-images", type=int, default=1000, help="RefShapes: number of images")
     extract.add_argument("--refshapes-seed", type=int, default=0, help="RefShapes: seed")
     extract.add_argument("--refshapes-size", type=int, default=256, help="RefShapes: image side in pixels")
