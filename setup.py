@@ -24,6 +24,7 @@ setup(
         "opencv-python-headless>=4.8",
         "sentencepiece>=0.1.99",
         "tqdm>=4.60",
+        "scipy>=1.9",
     ],
     extras_require={
         "data": ["pycocotools>=2.0.6"],

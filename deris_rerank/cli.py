@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from .errors import DerisRerankError
 from .version import __version__
+from .training.train_deris import DerisTrainSettings
 from .workflow.train_gate import FEATURE_SETS, TrainSettings
 
 
@@ -160,6 +161,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_deris(args: argparse.Namespace) -> int:
+    """Train a DeRIS preset on RefShapes; writes OUT/model (+ tokenizer) and OUT/checkpoint.pt."""
+    import torch
+
+    from .data.refshapes import RefShapes, corpus
+    from .deris.config import DerisConfig
+    from .training.tokenizer import train_word_tokenizer
+    from .training.train_deris import DerisTrainSettings, train_deris
+
+    out = Path(args.out)
+    config = DerisConfig.preset(args.preset)
+    size = (config.image_size, config.image_size)
+    dataset = RefShapes("train", num_images=args.train_images, seed=args.seed, image_size=size, mode=args.refshapes_mode)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else out / "tokenizer.model"
+    if not tokenizer.is_file():
+        train_word_tokenizer(corpus(20_000, seed=args.seed), tokenizer, max_pieces=config.beit3.vocab_size - 2)
+    settings = DerisTrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DerisTrainSettings)})
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    train_deris(config, dataset, tokenizer, out, settings, device=device, log=(lambda line: None) if args.quiet else print)
+    print(json.dumps({"model": str(out / "model"), "tokenizer": str(out / "model" / "tokenizer.model")}))
+    return 0
+
+
 def cmd_convert_gate(args: argparse.Namespace) -> int:
     """Convert a Venice-H1 gate checkpoint to safetensors + JSON."""
     from .gate import load_gate, save_gate
@@ -284,6 +308,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tau", type=float, help="override the gate's tau")
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.set_defaults(run=cmd_evaluate)
+
+    train_deris = commands.add_parser(
+        "train-deris",
+        help="train a DeRIS preset on RefShapes (checkpoints and resumes)",
+        description="Trains a DeRIS preset from scratch on generated RefShapes pairs: Hungarian matching to all "
+        "instances, BCE + Dice masks, referring and existence losses on every loopback round. Writes OUT/model "
+        "(model.safetensors + config.json + tokenizer.model) and resumes from OUT/checkpoint.pt.",
+    )
+    train_deris.add_argument("--preset", default="deris-tiny")
+    train_deris.add_argument("--out", required=True, help="run folder")
+    train_deris.add_argument("--train-images", type=int, default=200_000, help="RefShapes images to draw pairs from")
+    train_deris.add_argument("--refshapes-mode", default="ris", choices=["ris", "gres"])
+    train_deris.add_argument("--tokenizer", help="sentencepiece model (default: train one on the RefShapes grammar)")
+    for setting in dataclasses.fields(DerisTrainSettings):
+        train_deris.add_argument("--" + setting.name.replace("_", "-"), dest=setting.name, type=type(setting.default),
+                                 default=setting.default, help=f"default {setting.default}")
+    train_deris.add_argument("--device", default="auto")
+    train_deris.add_argument("--quiet", action="store_true")
+    train_deris.set_defaults(run=cmd_train_deris)
 
     convert = commands.add_parser(
         "convert",

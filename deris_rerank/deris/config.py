@@ -160,6 +160,23 @@ _SWIN_S = SwinConfig(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24
 _BEIT3_LARGE = Beit3Config(embed_dim=1024, num_heads=16, ffn_dim=4096, num_layers=24)
 _BEIT3_BASE = Beit3Config(embed_dim=768, num_heads=12, ffn_dim=3072, num_layers=12)
 
+# DeRIS-tiny: the same model with small sizes, for the embedded default trained on RefShapes
+# (192 px perception input, 128 px cognition input, a token table of 128 rows: room for a
+# sentencepiece model of up to 126 pieces trained on the RefShapes grammar).
+DERIS_TINY = DerisConfig(
+    "deris-tiny",
+    SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=6),
+    Beit3Config(embed_dim=96, num_heads=4, ffn_dim=384, num_layers=3, vocab_size=128,
+                img_size=128, max_text_positions=64),
+    hidden_dim=64,
+    image_size=192,
+    num_heads=4,
+    pixel_decoder_layers=2,
+    pixel_decoder_ffn=256,
+    decoder_ffn=256,
+    aligner_ffn=128,
+)
+
 # DeRIS-L uses Swin-B and BEiT-3 large; DeRIS-B uses Swin-S and BEiT-3 base (see the manifests).
 PRESETS: Dict[str, DerisConfig] = {
     "deris-l-refcoco": DerisConfig("deris-l-refcoco", _SWIN_B, _BEIT3_LARGE),
@@ -168,4 +185,5 @@ PRESETS: Dict[str, DerisConfig] = {
     "deris-b-grefcoco": DerisConfig(
         "deris-b-grefcoco", _SWIN_S, _BEIT3_BASE, num_queries=20, max_tokens=50, score_threshold=0.7
     ),
+    "deris-tiny": DERIS_TINY,
 }

@@ -1,0 +1,1 @@
+"""Training DeRIS (any preset) on referring-segmentation data: matching, losses, the loop."""

@@ -1,0 +1,112 @@
+"""Hungarian matching and the DeRIS training losses (Mask2Former-style).
+
+Per image, the N query slots are matched one-to-one to the K annotated instances (all
+objects of the image, so every candidate slot learns to segment something: "perception
+supervision on all instances"); the referred instances are a subset of them. Matching cost
+and losses: sigmoid BCE + Dice between mask logits and instance masks, and cross-entropy on
+the referring logits (class 0 = referred), matched slots of referred instances labelled 0,
+all other slots 1 (weight 0.1, as upstream's `empty_weight`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Mask2Former's weights (class 2, mask 5, dice 5); aux rounds scaled by `aux`; existence BCE 1."""
+
+    refer: float = 2.0
+    mask: float = 5.0
+    dice: float = 5.0
+    no_object: float = 0.1
+    aux: float = 0.5
+    existence: float = 1.0
+
+
+def pairwise_mask_costs(logits: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """(BCE cost, Dice cost) [N, K] between N mask logits [N, P] and K binary targets [K, P] (flattened)."""
+    pixels = logits.shape[1]
+    pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    bce = (pos @ targets.T + neg @ (1 - targets).T) / pixels
+    probs = logits.sigmoid()
+    dice = 1 - (2 * probs @ targets.T + 1) / (probs.sum(-1)[:, None] + targets.sum(-1)[None, :] + 1)
+    return bce, dice
+
+
+def hungarian_match(
+    mask_logits: Tensor, refer_logits: Tensor, instances: Tensor, referred: Tensor, weights: LossWeights
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Match slots to instances for one image: (slot indices, instance indices), each [min(N, K)].
+
+    mask_logits [N, h, w], refer_logits [N, 2], instances float [K, h, w] (0/1), referred bool [K].
+    """
+    if instances.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    with torch.no_grad():
+        bce, dice = pairwise_mask_costs(mask_logits.flatten(1).float(), instances.flatten(1).float())
+        refer_prob = refer_logits.float().softmax(-1)  # [N, 2]
+        wanted = torch.where(referred, 0, 1)  # the class each instance's slot should predict
+        refer_cost = -refer_prob[:, wanted]  # [N, K]
+        cost = weights.mask * bce + weights.dice * dice + weights.refer * refer_cost
+    slots, objects = linear_sum_assignment(cost.cpu().numpy())
+    return slots.astype(np.int64), objects.astype(np.int64)
+
+
+def round_losses(
+    mask_logits: Tensor, refer_logits: Tensor, instances: Sequence[Tensor], referred: Sequence[Tensor], weights: LossWeights
+) -> Dict[str, Tensor]:
+    """Losses of one loopback round for a batch.
+
+    mask_logits [B, N, h, w]; refer_logits [B, N, 2]; instances[b] float [K_b, h, w];
+    referred[b] bool [K_b]. Returns refer, mask and dice losses (weights not applied).
+    """
+    batch, slots = refer_logits.shape[:2]
+    labels = torch.ones(batch, slots, dtype=torch.long, device=refer_logits.device)
+    matched_logits: List[Tensor] = []
+    matched_targets: List[Tensor] = []
+    for b in range(batch):
+        slot_idx, obj_idx = hungarian_match(mask_logits[b], refer_logits[b], instances[b], referred[b], weights)
+        slot_idx = torch.from_numpy(slot_idx).to(labels.device)
+        obj_idx = torch.from_numpy(obj_idx).to(labels.device)
+        labels[b, slot_idx] = torch.where(referred[b][obj_idx], 0, 1)
+        matched_logits.append(mask_logits[b, slot_idx])
+        matched_targets.append(instances[b][obj_idx])
+    class_weight = torch.tensor([1.0, weights.no_object], device=refer_logits.device)
+    refer = F.cross_entropy(refer_logits.float().flatten(0, 1), labels.flatten(), weight=class_weight)
+    logits = torch.cat(matched_logits).flatten(1).float()
+    targets = torch.cat(matched_targets).flatten(1).float()
+    if logits.shape[0] == 0:
+        zero = mask_logits.sum() * 0
+        return {"refer": refer, "mask": zero, "dice": zero}
+    mask = F.binary_cross_entropy_with_logits(logits, targets)
+    probs = logits.sigmoid()
+    dice = (1 - (2 * (probs * targets).sum(-1) + 1) / (probs.sum(-1) + targets.sum(-1) + 1)).mean()
+    return {"refer": refer, "mask": mask, "dice": dice}
+
+
+def deris_loss(outputs: Dict, instances, referred, exists: Tensor, weights: LossWeights) -> Dict[str, Tensor]:
+    """Total loss over every loopback round (the last with weight 1, earlier ones x `aux`) + existence.
+
+    outputs: DerisModel.forward(..., return_rounds=True); exists float [B] (1 when a referent exists).
+    """
+    rounds = outputs["rounds"]
+    parts: Dict[str, Tensor] = {}
+    total = weights.existence * F.binary_cross_entropy_with_logits(outputs["existence_logit"].float().squeeze(-1), exists)
+    parts["existence"] = total.detach()
+    for r, state in enumerate(rounds):
+        scale = 1.0 if r == len(rounds) - 1 else weights.aux
+        losses = round_losses(state["mask_logits_stride4"], state["refer_logits"], instances, referred, weights)
+        total = total + scale * (weights.refer * losses["refer"] + weights.mask * losses["mask"] + weights.dice * losses["dice"])
+        if r == len(rounds) - 1:
+            parts.update({k: v.detach() for k, v in losses.items()})
+    parts["total"] = total
+    return parts

@@ -1,0 +1,74 @@
+"""DeRIS training pieces: matching, losses, the loop (resume = uninterrupted), tokenizer."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from deris_rerank.data.refshapes import RefShapes, corpus
+from deris_rerank.deris.config import DerisConfig
+from deris_rerank.preprocess import Beit3Tokenizer
+from deris_rerank.training.losses import LossWeights, hungarian_match, round_losses
+from deris_rerank.training.tokenizer import train_word_tokenizer
+from deris_rerank.training.train_deris import DerisTrainSettings, train_deris
+
+
+def squares(k, size=16):
+    masks = torch.zeros(k, size, size)
+    for i in range(k):
+        masks[i, 2 * i : 2 * i + 4, 3 * i : 3 * i + 5] = 1
+    return masks
+
+
+def test_matching_recovers_the_permutation_and_prefers_referring_slots():
+    instances = squares(3)
+    order = [2, 0, 1]  # slot s predicts instance order[s]; slots 3.. predict nothing
+    logits = torch.full((5, 16, 16), -8.0)
+    for slot, obj in enumerate(order):
+        logits[slot] = instances[obj] * 16 - 8
+    refer = torch.zeros(5, 2)
+    slots, objects = hungarian_match(logits, refer, instances, torch.tensor([False, True, False]), LossWeights())
+    assert dict(zip(slots.tolist(), objects.tolist())) == {0: 2, 1: 0, 2: 1}
+    # two slots with the same mask: the one scoring "referred" gets the referred instance
+    logits = torch.stack([instances[0] * 16 - 8, instances[0] * 16 - 8])
+    refer = torch.tensor([[-3.0, 3.0], [3.0, -3.0]])
+    slots, objects = hungarian_match(logits, refer, instances[:1], torch.tensor([True]), LossWeights())
+    assert slots.tolist() == [1] and objects.tolist() == [0]
+
+
+def test_losses_vanish_for_a_perfect_prediction_and_label_the_referred_slot():
+    instances = squares(2)
+    logits = torch.full((1, 4, 16, 16), -20.0)
+    logits[0, 1], logits[0, 3] = instances[0] * 40 - 20, instances[1] * 40 - 20
+    refer = torch.tensor([[[-9.0, 9.0], [-9.0, 9.0], [-9.0, 9.0], [9.0, -9.0]]])
+    perfect = round_losses(logits, refer, [instances], [torch.tensor([False, True])], LossWeights())
+    assert perfect["mask"] < 1e-6 and perfect["dice"] < 0.02 and perfect["refer"] < 1e-6
+    wrong = round_losses(logits, refer, [instances], [torch.tensor([True, False])], LossWeights())
+    assert wrong["refer"] > 1.0  # slot 3 claims "referred" but its instance is not
+
+
+def test_word_tokenizer_covers_the_grammar(tmp_path):
+    texts = corpus(2000, seed=3)
+    path = train_word_tokenizer(texts, tmp_path / "tok.model")
+    tokenizer = Beit3Tokenizer(path)
+    ids, padding = tokenizer.encode("the second square from the right", 20)
+    assert int((padding == 0).sum()) == 8  # bos + one token per word + eos
+    assert 3 not in ids.tolist() and int(ids.max()) < DerisConfig.preset("deris-tiny").beit3.vocab_size
+    assert 3 in tokenizer.encode("the zebra", 20)[0].tolist()  # unknown word -> <unk>
+
+
+def test_training_resumes_exactly(tmp_path):
+    config = dataclasses.replace(DerisConfig.preset("deris-tiny"), image_size=96)
+    data = RefShapes("train", num_images=50, seed=1, image_size=(96, 96))
+    tokenizer = train_word_tokenizer(corpus(2000), tmp_path / "tok.model")
+    settings = DerisTrainSettings(steps=4, batch_size=2, warmup_steps=2, checkpoint_every=2, num_workers=0)
+    straight = train_deris(config, data, tokenizer, tmp_path / "a", settings, log=lambda _: None)
+    partial = dataclasses.replace(settings, steps=2)
+    train_deris(config, data, tokenizer, tmp_path / "b", partial, log=lambda _: None)
+    resumed = train_deris(config, data, tokenizer, tmp_path / "b", settings, log=lambda _: None)
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert (tmp_path / "a" / "model" / "model.safetensors").is_file() and (tmp_path / "a" / "model" / "tokenizer.model").is_file()
+    torch.manual_seed(settings.seed)  # the initialisation train_deris starts from
+    untrained = type(straight)(config).state_dict()
+    assert any(not torch.equal(v, untrained[k]) for k, v in straight.state_dict().items() if v.is_floating_point())
