@@ -30,8 +30,10 @@ from .result import Result
 from .timing import StageTimer
 
 REPO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_MODEL = REPO_WEIGHTS / "deris-tiny"  # the embedded default: DeRIS-tiny + its gate, trained on RefShapes
 TOKENIZER_NAMES = ("beit3.spm", "tokenizer.model")
 GATE_NAMES = ("venice_h1.safetensors", "venice_h1.pt", "venice_h1.pth")
+GATE_BESIDE_MODEL = "gate.safetensors"  # a gate stored in a DeRIS folder belongs to that model
 LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -103,10 +105,11 @@ class Pipeline:
     """Referring segmentation with DeRIS, re-ranked by the Venice-H1 gate.
 
     deris: an official `.pth`, a converted folder, or a preset name found in the weights
-    folders. tokenizer: BEiT-3's sentencepiece model (default: `beit3.spm` next to the DeRIS
-    folder or in the weights folders). gate: a Venice-H1 checkpoint; None looks for
-    `venice_h1.*` in the weights folders and runs without a gate (DeRIS's own Query-0) when
-    there is none; False never uses one. device: "auto" picks CUDA when available. dtype:
+    folders; None: the embedded default (`weights/deris-tiny`, trained on RefShapes).
+    tokenizer: BEiT-3's sentencepiece model (default: `beit3.spm` or `tokenizer.model` next to
+    the DeRIS weights, or in the weights folders). gate: a Venice-H1 checkpoint; None looks for
+    `gate.safetensors` beside the DeRIS weights, then `venice_h1.*` in the weights folders, and
+    runs without a gate (DeRIS's own Query-0) when there is none; False never uses one. device: "auto" picks CUDA when available. dtype:
     None (float32) or bfloat16/float16 autocast on CUDA; the deformable sampling, softmaxes
     and signatures stay in float32. tau overrides the gate's threshold.
     """
@@ -123,17 +126,19 @@ class Pipeline:
         query_source: str = "perception",
     ):
         if deris is None:
-            raise CheckpointError(
-                "no embedded default model yet: pass deris=PATH (an official DeRIS .pth or a folder from "
-                "`deris-rerank convert`), tokenizer=PATH (beit3.spm) and gate=PATH (a Venice-H1 checkpoint)"
-            )
+            if not (DEFAULT_MODEL / "model.safetensors").is_file():
+                raise CheckpointError(
+                    f"the embedded default model is missing ({DEFAULT_MODEL}): pass deris=PATH (an official DeRIS "
+                    ".pth or a folder from `deris-rerank convert`), tokenizer=PATH (beit3.spm) and gate=PATH"
+                )
+            deris = DEFAULT_MODEL
         self.device = _resolve_device(device)
         self.autocast_dtype = _resolve_dtype(dtype, self.device)
         self.deris_path = deris_path = _resolve_deris(deris)
         self.model: DerisModel = load_deris(deris_path, device=self.device)
         self.config = self.model.config
         self.tokenizer = Beit3Tokenizer(self._resolve_tokenizer(tokenizer, deris_path))
-        self.gate: Optional[VeniceGate] = self._load_gate(gate, tau)
+        self.gate: Optional[VeniceGate] = self._load_gate(gate, tau, deris_path)
         self.batch_semantics = batch_semantics
         self.query_source = query_source
 
@@ -149,10 +154,14 @@ class Pipeline:
             raise CheckpointError(f"no tokenizer found: pass tokenizer=PATH to beit3.spm (looked next to {deris_path} and in the weights folders)")
         return found
 
-    def _load_gate(self, gate, tau) -> Optional[VeniceGate]:
+    def _load_gate(self, gate, tau, deris_path: Path) -> Optional[VeniceGate]:
         if gate is False:
             return None
-        path = Path(gate).expanduser() if gate not in (None, True) else _find_in_weights(GATE_NAMES)
+        beside = (deris_path if deris_path.is_dir() else deris_path.parent) / GATE_BESIDE_MODEL
+        if gate not in (None, True):
+            path = Path(gate).expanduser()
+        else:
+            path = beside if beside.is_file() else _find_in_weights(GATE_NAMES)
         if path is None:
             if gate is True:
                 raise CheckpointError(f"no Venice-H1 gate found in {', '.join(map(str, weight_folders()))}")

@@ -161,8 +161,9 @@ def test_candidates_are_lazy_and_consistent(pipe, photo):
     assert np.array_equal(candidates[0], result.default_mask)
 
 
-def test_missing_files_and_wrong_gates_are_clear_errors(tiny_model_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="deris=PATH"):
+def test_missing_files_and_wrong_gates_are_clear_errors(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("deris_rerank.pipeline.DEFAULT_MODEL", tmp_path / "no-default")
+    with pytest.raises(CheckpointError, match="default model is missing.*deris=PATH"):
         Pipeline()
     with pytest.raises(CheckpointError, match="nowhere.pth"):
         Pipeline(deris=tmp_path / "nowhere.pth")

@@ -21,9 +21,11 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Mask2Former's weights (class 2, mask 5, dice 5); aux rounds scaled by `aux`; existence BCE 1."""
+    """Mask and Dice weights as Mask2Former (5, 5); the referring weight is 5 rather than its class
+    weight 2, because from scratch the referring decision is what a small DeRIS learns slowest.
+    Aux rounds are scaled by `aux`; existence BCE 1."""
 
-    refer: float = 2.0
+    refer: float = 5.0
     mask: float = 5.0
     dice: float = 5.0
     no_object: float = 0.1

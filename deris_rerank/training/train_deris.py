@@ -38,7 +38,7 @@ class DerisTrainSettings:
 
     steps: int = 6000
     batch_size: int = 16
-    lr: float = 4e-4
+    lr: float = 8e-4
     weight_decay: float = 0.05
     warmup_steps: int = 300
     grad_clip: float = 1.0
