@@ -29,11 +29,13 @@ def test_matching_recovers_the_permutation_and_prefers_referring_slots():
     refer = torch.zeros(5, 2)
     slots, objects = hungarian_match(logits, refer, instances, torch.tensor([False, True, False]), LossWeights())
     assert dict(zip(slots.tolist(), objects.tolist())) == {0: 2, 1: 0, 2: 1}
-    # two slots with the same mask: the one scoring "referred" gets the referred instance
+    # two slots with the same mask: only with match_refer > 0 does the "referred"-scoring one win
     logits = torch.stack([instances[0] * 16 - 8, instances[0] * 16 - 8])
     refer = torch.tensor([[-3.0, 3.0], [3.0, -3.0]])
-    slots, objects = hungarian_match(logits, refer, instances[:1], torch.tensor([True]), LossWeights())
-    assert slots.tolist() == [1] and objects.tolist() == [0]
+    slots, _ = hungarian_match(logits, refer, instances[:1], torch.tensor([True]), LossWeights(match_refer=2.0))
+    assert slots.tolist() == [1]
+    slots, _ = hungarian_match(logits, refer.flip(0), instances[:1], torch.tensor([True]), LossWeights())
+    assert slots.tolist() == [0]  # mask cost alone: a tie, broken by slot order, not by the scores
 
 
 def test_losses_vanish_for_a_perfect_prediction_and_label_the_referred_slot():

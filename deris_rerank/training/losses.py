@@ -2,10 +2,13 @@
 
 Per image, the N query slots are matched one-to-one to the K annotated instances (all
 objects of the image, so every candidate slot learns to segment something: "perception
-supervision on all instances"); the referred instances are a subset of them. Matching cost
-and losses: sigmoid BCE + Dice between mask logits and instance masks, and cross-entropy on
-the referring logits (class 0 = referred), matched slots of referred instances labelled 0,
-all other slots 1 (weight 0.1, as upstream's `empty_weight`).
+supervision on all instances"); the referred instances are a subset of them. The matching
+cost is the mask cost (sigmoid BCE + Dice) plus, with weight `match_refer` (0 by default),
+the referring probability: with it, the matcher can send the referred object to whichever
+slot already scores high, and the scores learn slot priors instead of grounding (observed
+when training DeRIS-tiny). Losses: BCE + Dice on matched masks, and cross-entropy on the
+referring logits (class 0 = referred): matched slots of referred instances labelled 0, all
+other slots 1 (weight 0.1, as upstream's `empty_weight`).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class LossWeights:
     no_object: float = 0.1
     aux: float = 0.5
     existence: float = 1.0
+    match_refer: float = 0.0
 
 
 def pairwise_mask_costs(logits: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
@@ -58,7 +62,7 @@ def hungarian_match(
         refer_prob = refer_logits.float().softmax(-1)  # [N, 2]
         wanted = torch.where(referred, 0, 1)  # the class each instance's slot should predict
         refer_cost = -refer_prob[:, wanted]  # [N, K]
-        cost = weights.mask * bce + weights.dice * dice + weights.refer * refer_cost
+        cost = weights.mask * bce + weights.dice * dice + weights.match_refer * refer_cost
     slots, objects = linear_sum_assignment(cost.cpu().numpy())
     return slots.astype(np.int64), objects.astype(np.int64)
 
