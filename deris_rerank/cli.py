@@ -135,13 +135,12 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_train_gate(args: argparse.Namespace) -> int:
     """Train a Venice-H1 gate on caches; pick its decision settings on the tuning caches."""
-    import torch
-
     from .gate import save_gate
+    from .pipeline import resolve_device
     from .workflow.train_gate import choose_rule, load_gate_data, train_gate
 
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     gate = train_gate(load_gate_data([Path(p) for p in args.train]), settings, device=device,
                       log=(lambda line: None) if args.quiet else print)
     gate.rule, tuned = choose_rule(gate, load_gate_data([Path(p) for p in args.tune]), settings)
@@ -163,9 +162,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train_deris(args: argparse.Namespace) -> int:
     """Train a DeRIS preset on RefShapes; writes OUT/model (+ tokenizer) and OUT/checkpoint.pt."""
-    import torch
-
     from .data.refshapes import RefShapes, corpus
+    from .pipeline import resolve_device
     from .deris.config import DerisConfig
     from .training.tokenizer import train_word_tokenizer
     from .training.train_deris import DerisTrainSettings, train_deris
@@ -178,7 +176,7 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
     if not tokenizer.is_file():
         train_word_tokenizer(corpus(20_000, seed=args.seed), tokenizer, max_pieces=config.beit3.vocab_size - 2)
     settings = DerisTrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DerisTrainSettings)})
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     train_deris(config, dataset, tokenizer, out, settings, device=device, log=(lambda line: None) if args.quiet else print)
     print(json.dumps({"model": str(out / "model"), "tokenizer": str(out / "model" / "tokenizer.model")}))
     return 0

@@ -22,7 +22,7 @@ import torch
 from .candidates import Candidates
 from .checkpoints import load_deris
 from .deris.config import PRESETS
-from .deris.model import DerisModel, ImageFeatures
+from .deris.model import DerisModel
 from .errors import CheckpointError, DerisRerankError, InputError
 from .gate import VeniceGate, load_gate
 from .preprocess import Beit3Tokenizer, deris_answer_mask, load_image, prepare_images, resize_mask_nearest
@@ -70,7 +70,8 @@ def _resolve_deris(deris: Union[str, os.PathLike]) -> Path:
     raise CheckpointError(f"DeRIS checkpoint not found: {path} (pass a .pth, a converted folder or a preset name)")
 
 
-def _resolve_device(device: Union[str, torch.device]) -> torch.device:
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; an explicit CUDA device without CUDA is a clear error."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -132,7 +133,7 @@ class Pipeline:
                     ".pth or a folder from `deris-rerank convert`), tokenizer=PATH (beit3.spm) and gate=PATH"
                 )
             deris = DEFAULT_MODEL
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.autocast_dtype = _resolve_dtype(dtype, self.device)
         self.deris_path = deris_path = _resolve_deris(deris)
         self.model: DerisModel = load_deris(deris_path, device=self.device)
@@ -277,7 +278,7 @@ class Pipeline:
                 torch.stack([t for _, _, t, _ in jobs]).to(self.device),
                 torch.stack([m for _, _, _, m in jobs]).to(self.device),
                 batch_semantics=self.batch_semantics,
-                image_features=ImageFeatures(features.mask_features[rows], [m[rows] for m in features.multi_scale]),
+                image_features=features.select(rows),
                 timer=timer,
             )
         pairs_per_image = [sum(1 for _, p, _, _ in jobs if p == position) for position in range(len(images))]

@@ -18,7 +18,7 @@ import torch
 
 from ..fileio import atomic_write
 from ..gate import VeniceGate, apply_rule
-from .metrics import PRECISION_THRESHOLDS, evaluate_choices, roc_auc
+from .metrics import HARM_MARGIN, PRECISION_THRESHOLDS, evaluate_choices, roc_auc
 from .train_gate import GateData, gate_outputs, load_gate_data
 
 TABLE_COLUMNS = [
@@ -110,7 +110,7 @@ def curves(data: GateData, gate: VeniceGate, outputs) -> Dict[str, List[float]]:
         switched = selected != data.default_index
         taus.append(float(tau))
         switch.append(float(100 * switched.float().mean()))
-        harm.append(float(100 * (switched & (chosen < q0 - 0.01)).float().mean()))
+        harm.append(float(100 * (switched & (chosen < q0 - HARM_MARGIN)).float().mean()))
         delta.append(float(100 * (chosen - q0).mean()))
     return {"fpr": fpr, "tpr": tpr, "auc": roc_auc(failure, p_fail), "tau": taus, "switch_rate": switch,
             "harmful_switch_rate": harm, "delta_full": delta}
