@@ -8,6 +8,7 @@ import torch
 from deris_rerank.data.refshapes import RefShapes, corpus
 from deris_rerank.deris.config import DerisConfig
 from deris_rerank.preprocess import Beit3Tokenizer
+from deris_rerank.training.attributes import AttributeHead, pooled_attribute_loss
 from deris_rerank.training.losses import LossWeights, hungarian_match, round_losses
 from deris_rerank.training.tokenizer import train_word_tokenizer
 from deris_rerank.training.train_deris import DerisTrainSettings, train_deris
@@ -47,6 +48,39 @@ def test_losses_vanish_for_a_perfect_prediction_and_label_the_referred_slot():
     assert perfect["mask"] < 1e-6 and perfect["dice"] < 0.02 and perfect["refer"] < 1e-6
     wrong = round_losses(logits, refer, [instances], [torch.tensor([True, False])], LossWeights())
     assert wrong["refer"] > 1.0  # slot 3 claims "referred" but its instance is not
+
+
+def test_attribute_loss_reads_the_matched_instance_of_each_slot():
+    instances = squares(2)
+    logits = torch.full((1, 4, 16, 16), -20.0)
+    logits[0, 1], logits[0, 3] = instances[0] * 40 - 20, instances[1] * 40 - 20  # slot 1 <- obj 0, slot 3 <- obj 1
+    refer = torch.zeros(1, 4, 2)
+    labels = torch.tensor([[2, 0], [1, 3]])  # obj 0: shape 2, colour 0; obj 1: shape 1, colour 3
+    shape_logits, colour_logits = torch.zeros(1, 4, 3), torch.zeros(1, 4, 4)
+    shape_logits[0, 1, 2] = shape_logits[0, 3, 1] = 30.0
+    colour_logits[0, 1, 0] = colour_logits[0, 3, 3] = 30.0
+    shape_logits[0, 0, 0] = colour_logits[0, 2, 1] = 30.0  # unmatched slots are not supervised
+    right = round_losses(logits, refer, [instances], [torch.tensor([True, False])], LossWeights(),
+                         [shape_logits, colour_logits], [labels])
+    assert right["attributes"] < 1e-6
+    swapped = round_losses(logits, refer, [instances], [torch.tensor([True, False])], LossWeights(),
+                           [shape_logits, colour_logits], [labels.flip(0)])
+    assert swapped["attributes"] > 10  # the labels of the other instance: every prediction wrong
+    assert "attributes" not in round_losses(logits, refer, [instances], [torch.tensor([True, False])], LossWeights())
+
+
+def test_pooled_attribute_loss_averages_each_instance_region():
+    instances = squares(2)  # at 16 px; the map is 8 px: area-resized
+    fmap = torch.zeros(1, 2, 8, 8)
+    fmap[0, 0] = torch.nn.functional.interpolate(instances[None, :1], size=(8, 8), mode="area")[0, 0] * 4
+    fmap[0, 1] = torch.nn.functional.interpolate(instances[None, 1:], size=(8, 8), mode="area")[0, 0] * 4
+    head = AttributeHead(2, [2])
+    with torch.no_grad():  # class 0 when channel 0 dominates, class 1 when channel 1 does
+        head.norm.weight.fill_(1.0), head.norm.bias.zero_()
+        head.linear.weight.copy_(torch.tensor([[20.0, -20.0], [-20.0, 20.0]])), head.linear.bias.zero_()
+    right = pooled_attribute_loss([fmap], [instances], [torch.tensor([[0], [1]])], [head])
+    wrong = pooled_attribute_loss([fmap], [instances], [torch.tensor([[1], [0]])], [head])
+    assert right < 1e-3 and wrong > 10
 
 
 def test_word_tokenizer_covers_the_grammar(tmp_path):

@@ -3,7 +3,9 @@
 The recipe follows the paper as far as it applies to training from scratch on synthetic data:
 Hungarian matching of the query slots to all instances, BCE + Dice mask losses, referring
 cross-entropy, existence BCE, the same losses on every loopback round (auxiliary weight 0.5),
-AdamW with warm-up and cosine decay, gradient clipping. Runs on CPU or CUDA (bfloat16
+AdamW with warm-up and cosine decay, gradient clipping. One addition stands in for the
+pre-trained perception branch upstream starts from: training-only heads that predict every
+instance's attributes from the pixel-decoder maps and the matched queries (`attributes.py`). Runs on CPU or CUDA (bfloat16
 autocast there), shows progress, checkpoints every `checkpoint_every` steps to
 `<out>/checkpoint.pt` (plain tensors: read back with weights_only=True) and resumes from it;
 seeded: the data of step s is a pure function of (seed, s).
@@ -27,6 +29,7 @@ from ..deris.config import DerisConfig
 from ..deris.model import DerisModel
 from ..fileio import atomic_write, read_torch_file
 from ..preprocess import Beit3Tokenizer, prepare_images
+from .attributes import ATTRIBUTE_VOCABULARIES, AttributeHeads
 from .losses import LossWeights, deris_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -48,10 +51,14 @@ class DerisTrainSettings:
 
 
 class RefShapesStream(IterableDataset):
-    """Training batches from RefShapes: step s uses pairs [s*B, (s+1)*B) of a seeded permutation.
+    """Training batches from RefShapes. Step s draws images with a generator seeded by (seed, s)
+    and takes all of each image's expressions (2-4) until the batch holds `batch_size` pairs (the
+    last image may give fewer): an image is encoded once for all its texts, and its referents
+    contrast under the same perception.
 
-    Each example: (image_hi [3,S,S], image_lo [3,s,s], tokens [T], padding [T],
-    instances float [K, S/4, S/4] (every object's visible mask), referred bool [K]).
+    Each item is one image: (image_hi [3,S,S], image_lo [3,s,s], instances float [K, S/4, S/4]
+    (every object's visible mask), attributes int64 [K, 4] (shape, colour, size, style indices of
+    ATTRIBUTE_VOCABULARIES), texts: a list of (tokens [T], padding [T], referred bool [K])).
     """
 
     def __init__(self, dataset: RefShapes, tokenizer_path: Path, config: DerisConfig, batch_size: int, start_step: int, seed: int):
@@ -60,41 +67,50 @@ class RefShapesStream(IterableDataset):
 
     def __iter__(self) -> Iterator[List[tuple]]:
         tokenizer = Beit3Tokenizer(self.tokenizer_path)
-        total = len(self.dataset)
         step = self.start_step
         while True:
             rng = np.random.default_rng([self.seed, step])
-            yield [self._example(int(i), tokenizer) for i in rng.integers(0, total, self.batch_size)]
+            images: List[tuple] = []
+            pairs = 0
+            while pairs < self.batch_size:
+                images.append(self._image(int(rng.integers(0, self.dataset.num_images)), tokenizer, self.batch_size - pairs))
+                pairs += len(images[-1][-1])
+            yield images
             step += 1
 
-    def _example(self, index: int, tokenizer: Beit3Tokenizer) -> tuple:
-        image, k = self._locate(index)
-        scene = self.dataset.scene(image)
-        expression = scene.expressions[k]
+    def _image(self, index: int, tokenizer: Beit3Tokenizer, max_texts: int) -> tuple:
+        scene = self.dataset.scene(index)
         image_hi, image_lo = prepare_images(scene.image, self.config.image_size, self.config.image_size_lo)
-        tokens, padding = tokenizer.encode(expression.text, self.config.max_tokens)
         size = self.config.image_size // 4
         masks = torch.from_numpy(np.array(scene.masks, dtype=np.float32))[:, None]
         instances = (F.interpolate(masks, size=(size, size), mode="area")[:, 0] >= 0.5).float()
-        referred = torch.zeros(len(scene.objects), dtype=torch.bool)
-        referred[list(expression.targets)] = True
-        return image_hi, image_lo, tokens, padding, instances, referred
+        attributes = torch.tensor(
+            [[values.index(getattr(obj, name)) for name, values in ATTRIBUTE_VOCABULARIES] for obj in scene.objects],
+            dtype=torch.long,
+        )
+        texts = []
+        for expression in scene.expressions[:max_texts]:
+            referred = torch.zeros(len(scene.objects), dtype=torch.bool)
+            referred[list(expression.targets)] = True
+            texts.append((*tokenizer.encode(expression.text, self.config.max_tokens), referred))
+        return image_hi, image_lo, instances, attributes, texts
 
-    def _locate(self, index: int) -> Tuple[int, int]:
-        starts = self.dataset._starts
-        image = int(np.searchsorted(starts, index, side="right")) - 1
-        return image, index - int(starts[image])
 
-
-def collate(examples: List[tuple]) -> Dict[str, object]:
-    image_hi, image_lo, tokens, padding, instances, referred = zip(*examples)
+def collate(images: List[tuple]) -> Dict[str, object]:
+    """Items of `RefShapesStream` -> a batch of P pairs over I images (`image_index` int64 [P] maps
+    pairs to images; per-pair lists `instances`, `referred`, `attributes`)."""
+    image_hi, image_lo, instances, attributes, texts = zip(*images)
+    image_index = [i for i, image_texts in enumerate(texts) for _ in image_texts]
+    tokens, padding, referred = zip(*(text for image_texts in texts for text in image_texts))
     return {
         "image_hi": torch.stack(image_hi),
         "image_lo": torch.stack(image_lo),
+        "image_index": torch.tensor(image_index, dtype=torch.long),
         "tokens": torch.stack(tokens),
         "padding": torch.stack(padding),
-        "instances": list(instances),
+        "instances": [instances[i] for i in image_index],
         "referred": list(referred),
+        "attributes": [attributes[i] for i in image_index],
     }
 
 
@@ -122,8 +138,10 @@ def train_deris(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     model = DerisModel(config).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n and "table" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n and "table" not in n)]
+    head = AttributeHeads(config.hidden_dim, num_maps=config.num_feature_levels + 1).to(device)
+    named = list(model.named_parameters()) + [("attribute_head." + n, p) for n, p in head.named_parameters()]
+    decay = [p for n, p in named if p.ndim > 1 and "embed" not in n and "table" not in n]
+    no_decay = [p for n, p in named if not (p.ndim > 1 and "embed" not in n and "table" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=settings.lr,
@@ -133,6 +151,7 @@ def train_deris(
     if checkpoint_path.is_file():
         state = read_torch_file(checkpoint_path, "training checkpoint")
         model.load_state_dict(state["model"])
+        head.load_state_dict(state["attribute_head"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
@@ -151,16 +170,23 @@ def train_deris(
     for step, batch in zip(range(start, settings.steps), loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings)
-        inputs = [batch[k].to(device, non_blocking=True) for k in ("image_hi", "image_lo", "tokens", "padding")]
+        image_index = batch["image_index"].to(device)
+        image_hi, image_lo = batch["image_hi"].to(device, non_blocking=True), batch["image_lo"].to(device, non_blocking=True)
+        tokens, padding = batch["tokens"].to(device), batch["padding"].to(device)
         instances = [m.to(device) for m in batch["instances"]]
         referred = [r.to(device) for r in batch["referred"]]
+        attributes = [a.to(device) for a in batch["attributes"]]
         exists = torch.tensor([float(r.any()) for r in batch["referred"]], device=device)
         with autocast:
-            outputs = model(*inputs, return_rounds=True, with_mask_logits=False)
-            losses = deris_loss(outputs, instances, referred, exists, weights)
+            features = model.encode_image(image_hi).select(image_index)
+            outputs = model(None, image_lo[image_index], tokens, padding, image_features=features,
+                            return_rounds=True, with_mask_logits=False)
+            use_head = weights.attributes > 0
+            losses = deris_loss(outputs, instances, referred, exists, weights, head if use_head else None,
+                                attributes if use_head else None, [*features.multi_scale, features.mask_features])
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], settings.grad_clip)
         optimizer.step()
         for key, value in losses.items():
             running[key] = running.get(key, 0.0) + float(value.detach())
@@ -171,7 +197,7 @@ def train_deris(
             log(f"step {done}/{settings.steps} ({rate:.2f} steps/s): {averages}")
             running, logged = {}, done
         if done % settings.checkpoint_every == 0 or done == settings.steps:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": done}
+            state = {"model": model.state_dict(), "attribute_head": head.state_dict(), "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), "step": done}
             atomic_write(checkpoint_path, lambda tmp: torch.save(state, tmp))
     model.eval()
     save_deris(model, out_dir / "model")
