@@ -31,7 +31,7 @@ def main() -> int:
     parser.add_argument("--gate")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--image", default=str(DEMO / "shapes.png"))
-    parser.add_argument("--text", default="the blue circle left of the red square")
+    parser.add_argument("--text", default="the biggest cross")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()

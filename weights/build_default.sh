@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Rebuild the embedded default, weights/deris-tiny/, from scratch: DeRIS-tiny trained on RefShapes,
 # then its Venice-H1 gate trained on features extracted from separate RefShapes splits, with the
-# same commands a user runs for the official weights. Usage: bash weights/build_default.sh [RUN_DIR]
+# same commands a user runs for the official weights, and the bundled demo example.
+# Usage: bash weights/build_default.sh [RUN_DIR]   (about 1 h 15 min on 2 CPU cores; DEVICE=cuda to use a GPU)
 set -euo pipefail
 RUN=${1:-runs/deris-tiny}
 DEVICE=${DEVICE:-auto}
 
-deris-rerank train-deris --preset deris-tiny --out "$RUN" --steps 4000 --batch-size 16 \
+deris-rerank train-deris --preset deris-tiny --out "$RUN" --steps 6000 --batch-size 16 \
     --train-images 200000 --seed 0 --device "$DEVICE"
 
 extract() {  # split, images, seed
@@ -23,3 +24,22 @@ deris-rerank evaluate --cache "$RUN/cache/test" --gate "$RUN/model/gate.safetens
 
 mkdir -p weights/deris-tiny
 cp "$RUN/model/"{model.safetensors,config.json,tokenizer.model,gate.safetensors,gate.json} weights/deris-tiny/
+
+# The bundled example (demo/assets): scene DEMO_SCENE of the RefShapes split "demo" (seed 7, never
+# used for training or evaluation) and its expression DEMO_EXPRESSION; the README's demo command
+# and tests/test_default_model.py use them.
+DEMO_SCENE=${DEMO_SCENE:-12} DEMO_EXPRESSION=${DEMO_EXPRESSION:-1}
+mkdir -p demo/assets
+python - "$DEMO_SCENE" "$DEMO_EXPRESSION" <<'EOF'
+import sys
+
+import numpy as np
+from PIL import Image
+
+from deris_rerank.data import RefShapes
+
+scene, expression = RefShapes("demo", num_images=100, seed=7, image_size=(192, 192)).scene(int(sys.argv[1])), int(sys.argv[2])
+Image.fromarray(scene.image).save("demo/assets/shapes.png")
+np.save("demo/assets/shapes_target.npy", scene.target_mask(expression))
+print("demo text:", scene.expressions[expression].text)
+EOF
