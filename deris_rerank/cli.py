@@ -15,6 +15,7 @@ from typing import List, Optional
 
 from .errors import DerisRerankError
 from .version import __version__
+from .training.pretrain_perception import PerceptionPretrainSettings
 from .training.train_deris import DerisTrainSettings
 from .workflow.train_gate import FEATURE_SETS, TrainSettings
 
@@ -160,6 +161,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_perception(args: argparse.Namespace) -> int:
+    """Pre-train a preset's Swin on RefShapes object crops; writes OUT (safetensors)."""
+    from .data.refshapes import RefShapes
+    from .deris.config import DerisConfig
+    from .pipeline import resolve_device
+    from .training.pretrain_perception import pretrain_perception
+
+    config = DerisConfig.preset(args.preset)
+    dataset = RefShapes("train", num_images=args.train_images, seed=args.seed, image_size=(config.image_size, config.image_size))
+    settings = PerceptionPretrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PerceptionPretrainSettings)})
+    pretrain_perception(config, dataset, Path(args.out), settings, device=resolve_device(args.device),
+                        log=(lambda line: None) if args.quiet else print)
+    print(json.dumps({"perception": args.out}))
+    return 0
+
+
 def cmd_train_deris(args: argparse.Namespace) -> int:
     """Train a DeRIS preset on RefShapes; writes OUT/model (+ tokenizer) and OUT/checkpoint.pt."""
     from .data.refshapes import RefShapes, corpus
@@ -177,7 +194,9 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
         train_word_tokenizer(corpus(20_000, seed=args.seed), tokenizer, max_pieces=config.beit3.vocab_size - 2)
     settings = DerisTrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DerisTrainSettings)})
     device = resolve_device(args.device)
-    train_deris(config, dataset, tokenizer, out, settings, device=device, log=(lambda line: None) if args.quiet else print)
+    init = Path(args.init_perception) if args.init_perception else None
+    train_deris(config, dataset, tokenizer, out, settings, device=device, log=(lambda line: None) if args.quiet else print,
+                init_perception=init)
     print(json.dumps({"model": str(out / "model"), "tokenizer": str(out / "model" / "tokenizer.model")}))
     return 0
 
@@ -322,9 +341,26 @@ def build_parser() -> argparse.ArgumentParser:
     for setting in dataclasses.fields(DerisTrainSettings):
         train_deris.add_argument("--" + setting.name.replace("_", "-"), dest=setting.name, type=type(setting.default),
                                  default=setting.default, help=f"default {setting.default}")
+    train_deris.add_argument("--init-perception", help="Swin weights from `deris-rerank pretrain-perception`")
     train_deris.add_argument("--device", default="auto")
     train_deris.add_argument("--quiet", action="store_true")
     train_deris.set_defaults(run=cmd_train_deris)
+
+    pretrain = commands.add_parser(
+        "pretrain-perception",
+        help="pre-train a preset's Swin on RefShapes object crops (for train-deris --init-perception)",
+        description="Trains the preset's Swin to tell each RefShapes object's shape, colour, size and style from a "
+        "crop centred on it; writes the Swin's weights (safetensors) to OUT.",
+    )
+    pretrain.add_argument("--preset", default="deris-tiny")
+    pretrain.add_argument("--out", required=True, help="output file, e.g. runs/perception.safetensors")
+    pretrain.add_argument("--train-images", type=int, default=200_000, help="RefShapes images to draw scenes from")
+    for setting in dataclasses.fields(PerceptionPretrainSettings):
+        pretrain.add_argument("--" + setting.name.replace("_", "-"), dest=setting.name, type=type(setting.default),
+                              default=setting.default, help=f"default {setting.default}")
+    pretrain.add_argument("--device", default="auto")
+    pretrain.add_argument("--quiet", action="store_true")
+    pretrain.set_defaults(run=cmd_pretrain_perception)
 
     convert = commands.add_parser(
         "convert",

@@ -108,3 +108,45 @@ def test_training_resumes_exactly(tmp_path):
     torch.manual_seed(settings.seed)  # the initialisation train_deris starts from
     untrained = type(straight)(config).state_dict()
     assert any(not torch.equal(v, untrained[k]) for k, v in straight.state_dict().items() if v.is_floating_point())
+
+
+def test_object_crops_are_centred_and_zero_outside():
+    from deris_rerank.training.pretrain_perception import object_crops
+
+    image = torch.arange(3 * 20 * 30, dtype=torch.float32).reshape(3, 20, 30) + 1
+    crops = object_crops(image, [(10.0, 5.0), (0.0, 19.0)], 8)
+    assert crops.shape == (2, 3, 8, 8)
+    assert torch.equal(crops[0, :, 4, 4], image[:, 5, 10])  # centre pixel (row y, column x)
+    assert torch.equal(crops[0, :, 0, 0], image[:, 1, 6])
+    assert torch.equal(crops[1, :, 4, 4], image[:, 19, 0])
+    assert (crops[1, :, 5:, :] == 0).all() and (crops[1, :, :, :4] == 0).all()  # below / left of the image
+
+
+def test_perception_pretraining_initialises_train_deris(tmp_path):
+    from deris_rerank.errors import CheckpointError
+    from deris_rerank.fileio import read_safetensors
+    from deris_rerank.training.pretrain_perception import PerceptionPretrainSettings, crop_batch, pretrain_perception
+
+    config = dataclasses.replace(DerisConfig.preset("deris-tiny"), image_size=96)
+    data = RefShapes("train", num_images=50, seed=1, image_size=(96, 96))
+    settings = PerceptionPretrainSettings(steps=2, objects_per_step=8, crop_size=32)
+    crops, labels = crop_batch(data, config, settings, step=0)
+    again, same = crop_batch(data, config, settings, step=0)
+    assert crops.shape[1:] == (3, 32, 32) and labels.shape == (crops.shape[0], 4) and crops.shape[0] >= 8
+    assert torch.equal(crops, again) and torch.equal(labels, same)
+    swin = pretrain_perception(config, data, tmp_path / "perception.safetensors", settings, log=lambda _: None)
+    saved = read_safetensors(tmp_path / "perception.safetensors")
+    torch.manual_seed(settings.seed)
+    untrained = type(swin)(config.swin).state_dict()
+    assert any(not torch.equal(v, untrained[k]) for k, v in saved.items() if v.is_floating_point())
+
+    tokenizer = train_word_tokenizer(corpus(2000), tmp_path / "tok.model")
+    none = DerisTrainSettings(steps=0, batch_size=2, num_workers=0)
+    model = train_deris(config, data, tokenizer, tmp_path / "run", none, log=lambda _: None,
+                        init_perception=tmp_path / "perception.safetensors")
+    for key, value in saved.items():
+        assert torch.equal(model.swin.state_dict()[key], value), key
+    other = dataclasses.replace(config, swin=dataclasses.replace(config.swin, embed_dim=16))
+    with pytest.raises(CheckpointError, match="not a Swin of the"):
+        train_deris(other, data, tokenizer, tmp_path / "run2", none, log=lambda _: None,
+                    init_perception=tmp_path / "perception.safetensors")

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -27,7 +27,8 @@ from ..checkpoints import save_deris
 from ..data.refshapes import RefShapes
 from ..deris.config import DerisConfig
 from ..deris.model import DerisModel
-from ..fileio import atomic_write, read_torch_file
+from ..errors import CheckpointError
+from ..fileio import atomic_write, read_safetensors, read_torch_file
 from ..preprocess import Beit3Tokenizer, prepare_images
 from .attributes import ATTRIBUTE_VOCABULARIES, AttributeHeads
 from .losses import LossWeights, deris_loss
@@ -131,9 +132,11 @@ def train_deris(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
     weights: LossWeights = LossWeights(),
+    init_perception: Optional[Path] = None,
 ) -> DerisModel:
     """Train (or resume) and return the model; writes `<out>/checkpoint.pt` and, at the end, the
-    model in our format under `<out>/model/` (model.safetensors + config.json) with the tokenizer."""
+    model in our format under `<out>/model/` (model.safetensors + config.json) with the tokenizer.
+    init_perception: Swin weights from `pretrain_perception`, loaded before step 0."""
     device = torch.device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -156,6 +159,12 @@ def train_deris(
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
         log(f"resuming from step {start}")
+    elif init_perception is not None:
+        try:
+            model.swin.load_state_dict(read_safetensors(init_perception, "perception pre-training"))
+        except RuntimeError as exc:
+            raise CheckpointError(f"{init_perception} is not a Swin of the {config.name} preset: {str(exc).splitlines()[0]}") from None
+        log(f"Swin initialised from {init_perception}")
     stream = RefShapesStream(dataset, tokenizer_path, config, settings.batch_size, start, settings.seed)
     loader = DataLoader(stream, batch_size=None, collate_fn=collate, num_workers=settings.num_workers,
                         prefetch_factor=4 if settings.num_workers else None)
