@@ -69,6 +69,24 @@ def _summary(result, written) -> str:
     )
 
 
+def add_settings_flags(parser: argparse.ArgumentParser, settings_class, **special) -> None:
+    """One `--flag-name` per field of the dataclass `settings_class`, defaulting to the field's default:
+    booleans as --x/--no-x, others typed like the default; `special[name]` replaces type/help."""
+    for setting in dataclasses.fields(settings_class):
+        flag, value = "--" + setting.name.replace("_", "-"), setting.default
+        if setting.name in special:
+            parser.add_argument(flag, dest=setting.name, default=value, **special[setting.name])
+        elif isinstance(value, bool):
+            parser.add_argument(flag, dest=setting.name, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, dest=setting.name, type=type(value), default=value, help=f"default {value}")
+
+
+def settings_from_args(args: argparse.Namespace, settings_class):
+    """The dataclass `settings_class` filled from the flags `add_settings_flags` made."""
+    return settings_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)})
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     """Segment one image for one expression; write overlay + mask (+ candidates grid)."""
     image = Path(args.image)
@@ -140,7 +158,7 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
     from .pipeline import resolve_device
     from .workflow.train_gate import choose_rule, load_gate_data, train_gate
 
-    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    settings = settings_from_args(args, TrainSettings)
     device = resolve_device(args.device)
     gate = train_gate(load_gate_data([Path(p) for p in args.train]), settings, device=device,
                       log=(lambda line: None) if args.quiet else print)
@@ -170,7 +188,7 @@ def cmd_pretrain_perception(args: argparse.Namespace) -> int:
 
     config = DerisConfig.preset(args.preset)
     dataset = RefShapes("train", num_images=args.train_images, seed=args.seed, image_size=(config.image_size, config.image_size))
-    settings = PerceptionPretrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PerceptionPretrainSettings)})
+    settings = settings_from_args(args, PerceptionPretrainSettings)
     pretrain_perception(config, dataset, Path(args.out), settings, device=resolve_device(args.device),
                         log=(lambda line: None) if args.quiet else print)
     print(json.dumps({"perception": args.out}))
@@ -192,7 +210,7 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
     tokenizer = Path(args.tokenizer) if args.tokenizer else out / "tokenizer.model"
     if not tokenizer.is_file():
         train_word_tokenizer(corpus(20_000, seed=args.seed), tokenizer, max_pieces=config.beit3.vocab_size - 2)
-    settings = DerisTrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DerisTrainSettings)})
+    settings = settings_from_args(args, DerisTrainSettings)
     device = resolve_device(args.device)
     init = Path(args.init_perception) if args.init_perception else None
     train_deris(config, dataset, tokenizer, out, settings, device=device, log=(lambda line: None) if args.quiet else print,
@@ -301,15 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train", nargs="+", required=True, help="training cache split folders")
     train.add_argument("--tune", nargs="+", required=True, help="tuning cache split folders (not the evaluation split)")
     train.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
-    for setting in dataclasses.fields(TrainSettings):
-        flag, value = "--" + setting.name.replace("_", "-"), setting.default
-        if isinstance(value, bool):
-            train.add_argument(flag, dest=setting.name, action=argparse.BooleanOptionalAction, default=value)
-        elif setting.name == "features":
-            train.add_argument(flag, dest=setting.name, choices=sorted(FEATURE_SETS), default=value,
-                               help="feature ablation: full, base (no grid signatures) or one grid scale")
-        else:
-            train.add_argument(flag, dest=setting.name, type=type(value), default=value, help=f"default {value}")
+    add_settings_flags(train, TrainSettings, features=dict(
+        choices=sorted(FEATURE_SETS), help="feature ablation: full, base (no grid signatures) or one grid scale"))
     train.add_argument("--device", default="auto")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(run=cmd_train_gate)
@@ -338,9 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_deris.add_argument("--train-images", type=int, default=200_000, help="RefShapes images to draw pairs from")
     train_deris.add_argument("--refshapes-mode", default="ris", choices=["ris", "gres"])
     train_deris.add_argument("--tokenizer", help="sentencepiece model (default: train one on the RefShapes grammar)")
-    for setting in dataclasses.fields(DerisTrainSettings):
-        train_deris.add_argument("--" + setting.name.replace("_", "-"), dest=setting.name, type=type(setting.default),
-                                 default=setting.default, help=f"default {setting.default}")
+    add_settings_flags(train_deris, DerisTrainSettings)
     train_deris.add_argument("--init-perception", help="Swin weights from `deris-rerank pretrain-perception`")
     train_deris.add_argument("--device", default="auto")
     train_deris.add_argument("--quiet", action="store_true")
@@ -355,9 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--preset", default="deris-tiny")
     pretrain.add_argument("--out", required=True, help="output file, e.g. runs/perception.safetensors")
     pretrain.add_argument("--train-images", type=int, default=200_000, help="RefShapes images to draw scenes from")
-    for setting in dataclasses.fields(PerceptionPretrainSettings):
-        pretrain.add_argument("--" + setting.name.replace("_", "-"), dest=setting.name, type=type(setting.default),
-                              default=setting.default, help=f"default {setting.default}")
+    add_settings_flags(pretrain, PerceptionPretrainSettings)
     pretrain.add_argument("--device", default="auto")
     pretrain.add_argument("--quiet", action="store_true")
     pretrain.set_defaults(run=cmd_pretrain_perception)

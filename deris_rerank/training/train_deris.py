@@ -172,6 +172,7 @@ def train_deris(
     model.train()
     log(f"training {config.name} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}, "
         f"steps {start}..{settings.steps}, batch {settings.batch_size}")
+    heads = head if weights.attributes > 0 else None
     running: Dict[str, float] = {}
     logged = start
     began = time.perf_counter()
@@ -190,9 +191,8 @@ def train_deris(
             features = model.encode_image(image_hi).select(image_index)
             outputs = model(None, image_lo[image_index], tokens, padding, image_features=features,
                             return_rounds=True, with_mask_logits=False)
-            use_head = weights.attributes > 0
-            losses = deris_loss(outputs, instances, referred, exists, weights, head if use_head else None,
-                                attributes if use_head else None, [*features.multi_scale, features.mask_features])
+            losses = deris_loss(outputs, instances, referred, exists, weights, heads,
+                                None if heads is None else attributes, [*features.multi_scale, features.mask_features])
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], settings.grad_clip)
