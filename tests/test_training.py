@@ -9,7 +9,7 @@ from deris_rerank.data.refshapes import RefShapes, corpus
 from deris_rerank.deris.config import DerisConfig
 from deris_rerank.preprocess import Beit3Tokenizer
 from deris_rerank.training.attributes import AttributeHead, pooled_attribute_loss
-from deris_rerank.training.losses import LossWeights, hungarian_match, round_losses
+from deris_rerank.training.losses import LossWeights, PairTargets, hungarian_match, referent_attribute_loss, round_losses
 from deris_rerank.training.tokenizer import train_word_tokenizer
 from deris_rerank.training.train_deris import DerisTrainSettings, train_deris
 
@@ -44,9 +44,9 @@ def test_losses_vanish_for_a_perfect_prediction_and_label_the_referred_slot():
     logits = torch.full((1, 4, 16, 16), -20.0)
     logits[0, 1], logits[0, 3] = instances[0] * 40 - 20, instances[1] * 40 - 20
     refer = torch.tensor([[[-9.0, 9.0], [-9.0, 9.0], [-9.0, 9.0], [9.0, -9.0]]])
-    perfect = round_losses(logits, refer, [instances], [torch.tensor([False, True])], LossWeights())
+    perfect = round_losses(logits, refer, PairTargets([instances], [torch.tensor([False, True])]), LossWeights())
     assert perfect["mask"] < 1e-6 and perfect["dice"] < 0.02 and perfect["refer"] < 1e-6
-    wrong = round_losses(logits, refer, [instances], [torch.tensor([True, False])], LossWeights())
+    wrong = round_losses(logits, refer, PairTargets([instances], [torch.tensor([True, False])]), LossWeights())
     assert wrong["refer"] > 1.0  # slot 3 claims "referred" but its instance is not
 
 
@@ -60,13 +60,29 @@ def test_attribute_loss_reads_the_matched_instance_of_each_slot():
     shape_logits[0, 1, 2] = shape_logits[0, 3, 1] = 30.0
     colour_logits[0, 1, 0] = colour_logits[0, 3, 3] = 30.0
     shape_logits[0, 0, 0] = colour_logits[0, 2, 1] = 30.0  # unmatched slots are not supervised
-    right = round_losses(logits, refer, [instances], [torch.tensor([True, False])], LossWeights(),
-                         [shape_logits, colour_logits], [labels])
+    right = round_losses(logits, refer, PairTargets([instances], [torch.tensor([True, False])], [labels]), LossWeights(),
+                         [shape_logits, colour_logits])
     assert right["attributes"] < 1e-6
-    swapped = round_losses(logits, refer, [instances], [torch.tensor([True, False])], LossWeights(),
-                           [shape_logits, colour_logits], [labels.flip(0)])
+    swapped = round_losses(logits, refer, PairTargets([instances], [torch.tensor([True, False])], [labels.flip(0)]),
+                           LossWeights(), [shape_logits, colour_logits])
     assert swapped["attributes"] > 10  # the labels of the other instance: every prediction wrong
-    assert "attributes" not in round_losses(logits, refer, [instances], [torch.tensor([True, False])], LossWeights())
+    assert "attributes" not in round_losses(logits, refer, PairTargets([instances], [torch.tensor([True, False])]), LossWeights())
+
+
+def test_referent_attribute_loss_reads_the_referent_from_the_non_padding_tokens():
+    head = AttributeHead(2, [2])
+    with torch.no_grad():  # class 0 when channel 0 dominates, class 1 when channel 1 does
+        head.norm.weight.fill_(1.0), head.norm.bias.zero_()
+        head.linear.weight.copy_(torch.tensor([[20.0, -20.0], [-20.0, 20.0]])), head.linear.bias.zero_()
+    text = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 9.0]]])  # two tokens say class 0; the padding says 1
+    padding = torch.tensor([[False, False, True]])
+    labels = torch.tensor([[1], [0]])  # object 0 has class 1, object 1 class 0
+    instances = squares(2)
+    refers_to_1 = PairTargets([instances], [torch.tensor([False, True])], [labels])
+    assert referent_attribute_loss(text, padding, refers_to_1, head) < 1e-3
+    assert referent_attribute_loss(text, padding, refers_to_1._replace(referred=[torch.tensor([True, False])]), head) > 10
+    none_or_two = [torch.tensor([False, False]), torch.tensor([True, True])]  # neither counts
+    assert referent_attribute_loss(text.expand(2, -1, -1), padding.expand(2, -1), PairTargets([instances] * 2, none_or_two, [labels] * 2), head) == 0
 
 
 def test_pooled_attribute_loss_averages_each_instance_region():

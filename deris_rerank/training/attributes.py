@@ -7,7 +7,8 @@ read an object's colour at 40-60% (75-99% in the first Swin stage) and its shape
 and on its queries both near chance, so the referring head has nothing to compare the text
 with. When the data labels every instance (RefShapes: shape, colour, size, style), these
 heads predict the labels (1) from each pixel-decoder map averaged over the instance's true
-mask and (2) from the decoder queries matched to the instance. None of this is exported.
+mask, (2) from the decoder queries matched to the instance and (3) the referent's labels from
+the text features (`losses.referent_attribute_loss`). None of this is exported.
 """
 from __future__ import annotations
 
@@ -39,12 +40,14 @@ class AttributeHead(nn.Module):
 
 
 class AttributeHeads(nn.Module):
-    """`queries`: for the decoder queries [B, N, C]; `maps[l]`: for feature map l (C channels each)."""
+    """`queries`: for the decoder queries [B, N, C]; `maps[l]`: for feature map l (C channels each);
+    `text`: for the pooled text features [B, C] (the referent's attributes)."""
 
     def __init__(self, dim: int, num_maps: int, vocabulary_sizes: Sequence[int] = tuple(len(v) for _, v in ATTRIBUTE_VOCABULARIES)):
         super().__init__()
         self.queries = AttributeHead(dim, vocabulary_sizes)
         self.maps = nn.ModuleList(AttributeHead(dim, vocabulary_sizes) for _ in range(num_maps))
+        self.text = AttributeHead(dim, vocabulary_sizes)
 
 
 def attribute_cross_entropy(logits: Sequence[Tensor], labels: Tensor) -> Tensor:

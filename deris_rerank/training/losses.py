@@ -8,14 +8,15 @@ the referring probability: with it, the matcher can send the referred object to 
 slot already scores high, and the scores learn slot priors instead of grounding (observed
 when training DeRIS-tiny). Losses: BCE + Dice on matched masks, and cross-entropy on the
 referring logits (class 0 = referred): matched slots of referred instances labelled 0, all
-other slots 1 (weight 0.1, as upstream's `empty_weight`).
+other slots 1 (weight 0.1, as upstream's `empty_weight`). Upstream's box head is not trained
+(its box weight is 0, as here).
 
 Instance attributes (optional): see `attributes.py`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,14 +24,15 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .attributes import AttributeHeads, attribute_cross_entropy, pooled_attribute_loss
+from .attributes import AttributeHeads, attribute_cross_entropy
 
 
 @dataclass(frozen=True)
 class LossWeights:
     """Mask and Dice weights as Mask2Former (5, 5); the referring weight is 5 rather than its class
     weight 2, because from scratch the referring decision is what a small DeRIS learns slowest.
-    Aux rounds are scaled by `aux`; existence BCE 1; instance-attribute CE `attributes`."""
+    Aux rounds are scaled by `aux`; existence BCE 1; instance-attribute CE `attributes` (queries
+    and pixel maps); the referent's attributes from the text features `referent`."""
 
     refer: float = 5.0
     mask: float = 5.0
@@ -40,6 +42,19 @@ class LossWeights:
     existence: float = 1.0
     match_refer: float = 0.0
     attributes: float = 6.0
+    referent: float = 2.0
+
+
+class PairTargets(NamedTuple):
+    """What each of a batch's B image-text pairs should produce, one entry per pair.
+
+    instances[b] float [K_b, h, w] (0/1, every object of the pair's image); referred[b] bool
+    [K_b]; attributes[b] int64 [K_b, A] (see `attributes.py`), None when not supervised.
+    """
+
+    instances: Sequence[Tensor]
+    referred: Sequence[Tensor]
+    attributes: Optional[Sequence[Tensor]] = None
 
 
 def pairwise_mask_costs(logits: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
@@ -75,89 +90,94 @@ def hungarian_match(
 def round_losses(
     mask_logits: Tensor,
     refer_logits: Tensor,
-    instances: Sequence[Tensor],
-    referred: Sequence[Tensor],
+    targets: PairTargets,
     weights: LossWeights,
     attribute_logits: Optional[Sequence[Tensor]] = None,
-    attributes: Optional[Sequence[Tensor]] = None,
 ) -> Dict[str, Tensor]:
-    """Losses of one loopback round for a batch.
+    """Losses of one loopback round for a batch of B pairs.
 
-    mask_logits [B, N, h, w]; refer_logits [B, N, 2]; instances[b] float [K_b, h, w];
-    referred[b] bool [K_b]. Optional: attribute_logits, one [B, N, V_a] per attribute, and
-    attributes[b] int64 [K_b, A] (the instances' labels). Returns refer, mask, dice and, with
-    attributes, `attributes` (mean CE over attributes on matched slots); weights not applied.
+    mask_logits [B, N, h, w]; refer_logits [B, N, 2]; attribute_logits: one [B, N, V_a] per
+    attribute. Returns refer, mask, dice, and `attributes` (mean CE over attributes on matched
+    slots) when attribute_logits and targets.attributes are given; weights not applied.
     """
     batch, slots = refer_logits.shape[:2]
+    with_attributes = attribute_logits is not None and targets.attributes is not None
     labels = torch.ones(batch, slots, dtype=torch.long, device=refer_logits.device)
-    matched_logits: List[Tensor] = []
-    matched_targets: List[Tensor] = []
-    matched_slots: List[Tensor] = []
-    matched_labels: List[Tensor] = []
+    flat_slots: List[Tensor] = []
+    matched_objects: List[Tuple[int, Tensor]] = []
     for b in range(batch):
-        slot_idx, obj_idx = hungarian_match(mask_logits[b], refer_logits[b], instances[b], referred[b], weights)
+        slot_idx, obj_idx = hungarian_match(mask_logits[b], refer_logits[b], targets.instances[b], targets.referred[b], weights)
         slot_idx = torch.from_numpy(slot_idx).to(labels.device)
         obj_idx = torch.from_numpy(obj_idx).to(labels.device)
-        labels[b, slot_idx] = torch.where(referred[b][obj_idx], 0, 1)
-        matched_logits.append(mask_logits[b, slot_idx])
-        matched_targets.append(instances[b][obj_idx])
-        matched_slots.append(b * slots + slot_idx)
-        if attributes is not None:
-            matched_labels.append(attributes[b][obj_idx])
+        labels[b, slot_idx] = torch.where(targets.referred[b][obj_idx], 0, 1)
+        flat_slots.append(b * slots + slot_idx)
+        matched_objects.append((b, obj_idx))
+    gather = lambda per_pair: torch.cat([per_pair[b][idx] for b, idx in matched_objects])  # noqa: E731
     class_weight = torch.tensor([1.0, weights.no_object], device=refer_logits.device)
-    refer = F.cross_entropy(refer_logits.float().flatten(0, 1), labels.flatten(), weight=class_weight)
-    logits = torch.cat(matched_logits).flatten(1).float()
-    targets = torch.cat(matched_targets).flatten(1).float()
-    if logits.shape[0] == 0:
+    losses = {"refer": F.cross_entropy(refer_logits.float().flatten(0, 1), labels.flatten(), weight=class_weight)}
+    matched = torch.cat(flat_slots)
+    if matched.numel() == 0:
         zero = mask_logits.sum() * 0
-        losses = {"refer": refer, "mask": zero, "dice": zero}
-        return losses if attributes is None else {**losses, "attributes": zero}
-    mask = F.binary_cross_entropy_with_logits(logits, targets)
+        names = ["mask", "dice"] + ["attributes"] * with_attributes
+        return {**losses, **{name: zero for name in names}}
+    logits = mask_logits.flatten(0, 1)[matched].flatten(1).float()
+    wanted = gather(targets.instances).flatten(1).float()
+    losses["mask"] = F.binary_cross_entropy_with_logits(logits, wanted)
     probs = logits.sigmoid()
-    dice = (1 - (2 * (probs * targets).sum(-1) + 1) / (probs.sum(-1) + targets.sum(-1) + 1)).mean()
-    losses = {"refer": refer, "mask": mask, "dice": dice}
-    if attributes is not None:
-        flat_slots, labels_k = torch.cat(matched_slots), torch.cat(matched_labels)
-        losses["attributes"] = attribute_cross_entropy([a.flatten(0, 1)[flat_slots] for a in attribute_logits], labels_k)
+    losses["dice"] = (1 - (2 * (probs * wanted).sum(-1) + 1) / (probs.sum(-1) + wanted.sum(-1) + 1)).mean()
+    if with_attributes:
+        losses["attributes"] = attribute_cross_entropy([a.flatten(0, 1)[matched] for a in attribute_logits], gather(targets.attributes))
     return losses
 
 
 def deris_loss(
     outputs: Dict,
-    instances,
-    referred,
+    targets: PairTargets,
     exists: Tensor,
     weights: LossWeights,
     attribute_heads: Optional[AttributeHeads] = None,
-    attributes: Optional[Sequence[Tensor]] = None,
-    feature_maps: Sequence[Tensor] = (),
+    text_padding: Optional[Tensor] = None,
 ) -> Dict[str, Tensor]:
-    """Total loss over every loopback round (the last with weight 1, earlier ones x `aux`) + existence
-    (+ the instance-attribute losses when `attribute_heads` and `attributes` are given).
+    """Total loss over every loopback round (the last with weight 1, earlier ones x `aux`) + existence.
 
-    outputs: DerisModel.forward(..., return_rounds=True); exists float [B] (1 when a referent exists).
-    attributes[b] int64 [K_b, A]; feature_maps: the pixel-decoder maps [B, C, h, w] that
-    `attribute_heads.maps` read (instance masks averaged over them).
+    outputs: DerisModel.forward(..., return_rounds=True); exists float [B] (1 when a referent
+    exists). With `attribute_heads` and targets.attributes, also the query-attribute loss of
+    every round and (given the tokens' text_padding bool [B, T], True = pad) the
+    referent-attribute loss on the text features. Returns the weighted
+    `total` and the unweighted parts (of the last round).
     """
     rounds = outputs["rounds"]
     parts: Dict[str, Tensor] = {}
     total = weights.existence * F.binary_cross_entropy_with_logits(outputs["existence_logit"].float().squeeze(-1), exists)
     parts["existence"] = total.detach()
+    scaled = {"refer": weights.refer, "mask": weights.mask, "dice": weights.dice, "attributes": weights.attributes}
+    supervise_attributes = attribute_heads is not None and targets.attributes is not None
     for r, state in enumerate(rounds):
-        scale = 1.0 if r == len(rounds) - 1 else weights.aux
-        attribute_logits = None if attribute_heads is None else attribute_heads.queries(state["query_before_loopback"])
-        losses = round_losses(
-            state["mask_logits_stride4"], state["refer_logits"], instances, referred, weights, attribute_logits, attributes
-        )
-        round_total = weights.refer * losses["refer"] + weights.mask * losses["mask"] + weights.dice * losses["dice"]
-        if attribute_logits is not None:
-            round_total = round_total + weights.attributes * losses["attributes"]
-        total = total + scale * round_total
+        attribute_logits = attribute_heads.queries(state["query_before_loopback"]) if supervise_attributes else None
+        losses = round_losses(state["mask_logits_stride4"], state["refer_logits"], targets, weights, attribute_logits)
+        round_total = sum(scaled[name] * value for name, value in losses.items())
+        total = total + (1.0 if r == len(rounds) - 1 else weights.aux) * round_total
         if r == len(rounds) - 1:
             parts.update({k: v.detach() for k, v in losses.items()})
-    if attribute_heads is not None:
-        parts["pixel_attributes"] = pooled_attribute_loss(feature_maps, instances, attributes, attribute_heads.maps)
-        total = total + weights.attributes * parts["pixel_attributes"]
-        parts["pixel_attributes"] = parts["pixel_attributes"].detach()
+    if supervise_attributes and text_padding is not None and weights.referent > 0:
+        referent = referent_attribute_loss(outputs["text_feat"], text_padding.bool(), targets, attribute_heads.text)
+        total = total + weights.referent * referent
+        parts["referent"] = referent.detach()
     parts["total"] = total
     return parts
+
+
+def referent_attribute_loss(text_feat: Tensor, text_padding: Tensor, targets: PairTargets, head) -> Tensor:
+    """Attribute CE of the referent, read from the text features averaged over the non-padding tokens.
+
+    text_feat [B, T, C]; text_padding bool [B, T] (True = pad). Only pairs with exactly one
+    referent count (0 when there are none): the cognition branch is asked to say what the
+    referred object looks like, which for "the leftmost star" it can only learn from the image.
+    """
+    single = [b for b, r in enumerate(targets.referred) if int(r.sum()) == 1]
+    if not single:
+        return text_feat.sum() * 0
+    keep = (~text_padding[single]).to(text_feat.dtype)[..., None]
+    pooled = (text_feat[single] * keep).sum(1) / keep.sum(1).clamp(min=1)
+    labels = torch.stack([targets.attributes[b][targets.referred[b]][0] for b in single])
+    return attribute_cross_entropy(head(pooled), labels)

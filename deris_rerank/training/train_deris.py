@@ -5,7 +5,8 @@ Hungarian matching of the query slots to all instances, BCE + Dice mask losses, 
 cross-entropy, existence BCE, the same losses on every loopback round (auxiliary weight 0.5),
 AdamW with warm-up and cosine decay, gradient clipping. One addition stands in for the
 pre-trained perception branch upstream starts from: training-only heads that predict every
-instance's attributes from the pixel-decoder maps and the matched queries (`attributes.py`). Runs on CPU or CUDA (bfloat16
+instance's attributes from the pixel-decoder maps and the matched queries, and the referent's
+from the text features (`attributes.py`). Runs on CPU or CUDA (bfloat16
 autocast there), shows progress, checkpoints every `checkpoint_every` steps to
 `<out>/checkpoint.pt` (plain tensors: read back with weights_only=True) and resumes from it;
 seeded: the data of step s is a pure function of (seed, s).
@@ -30,8 +31,8 @@ from ..deris.model import DerisModel
 from ..errors import CheckpointError
 from ..fileio import atomic_write, read_safetensors, read_torch_file
 from ..preprocess import Beit3Tokenizer, prepare_images
-from .attributes import ATTRIBUTE_VOCABULARIES, AttributeHeads
-from .losses import LossWeights, deris_loss
+from .attributes import ATTRIBUTE_VOCABULARIES, AttributeHeads, pooled_attribute_loss
+from .losses import LossWeights, PairTargets, deris_loss
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -98,8 +99,8 @@ class RefShapesStream(IterableDataset):
 
 
 def collate(images: List[tuple]) -> Dict[str, object]:
-    """Items of `RefShapesStream` -> a batch of P pairs over I images (`image_index` int64 [P] maps
-    pairs to images; per-pair lists `instances`, `referred`, `attributes`)."""
+    """Items of `RefShapesStream` -> a batch of P pairs over I images: `image_index` int64 [P]
+    maps pairs to images; per-image lists `instances`, `attributes`; per-pair `referred`."""
     image_hi, image_lo, instances, attributes, texts = zip(*images)
     image_index = [i for i, image_texts in enumerate(texts) for _ in image_texts]
     tokens, padding, referred = zip(*(text for image_texts in texts for text in image_texts))
@@ -109,9 +110,9 @@ def collate(images: List[tuple]) -> Dict[str, object]:
         "image_index": torch.tensor(image_index, dtype=torch.long),
         "tokens": torch.stack(tokens),
         "padding": torch.stack(padding),
-        "instances": [instances[i] for i in image_index],
+        "instances": list(instances),
+        "attributes": list(attributes),
         "referred": list(referred),
-        "attributes": [attributes[i] for i in image_index],
     }
 
 
@@ -183,16 +184,20 @@ def train_deris(
         image_index = batch["image_index"].to(device)
         image_hi, image_lo = batch["image_hi"].to(device, non_blocking=True), batch["image_lo"].to(device, non_blocking=True)
         tokens, padding = batch["tokens"].to(device), batch["padding"].to(device)
-        instances = [m.to(device) for m in batch["instances"]]
-        referred = [r.to(device) for r in batch["referred"]]
-        attributes = [a.to(device) for a in batch["attributes"]]
+        instances, attributes = ([t.to(device) for t in batch[key]] for key in ("instances", "attributes"))
+        per_pair = lambda per_image: [per_image[i] for i in batch["image_index"].tolist()]  # noqa: E731
+        targets = PairTargets(per_pair(instances), [r.to(device) for r in batch["referred"]],
+                              per_pair(attributes) if heads is not None else None)
         exists = torch.tensor([float(r.any()) for r in batch["referred"]], device=device)
         with autocast:
-            features = model.encode_image(image_hi).select(image_index)
-            outputs = model(None, image_lo[image_index], tokens, padding, image_features=features,
+            features = model.encode_image(image_hi)
+            outputs = model(None, image_lo[image_index], tokens, padding, image_features=features.select(image_index),
                             return_rounds=True, with_mask_logits=False)
-            losses = deris_loss(outputs, instances, referred, exists, weights, heads,
-                                None if heads is None else attributes, [*features.multi_scale, features.mask_features])
+            losses = deris_loss(outputs, targets, exists, weights, heads, padding)
+            if heads is not None:
+                maps = [*features.multi_scale, features.mask_features]
+                losses["pixel_attributes"] = pooled_attribute_loss(maps, instances, attributes, heads.maps)
+                losses["total"] = losses["total"] + weights.attributes * losses["pixel_attributes"]
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], settings.grad_clip)
