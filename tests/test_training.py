@@ -8,8 +8,8 @@ import torch
 from deris_rerank.data.refshapes import RefShapes, corpus
 from deris_rerank.deris.config import DerisConfig
 from deris_rerank.preprocess import Beit3Tokenizer
-from deris_rerank.training.attributes import AttributeHead, pooled_attribute_loss
-from deris_rerank.training.losses import LossWeights, PairTargets, hungarian_match, referent_attribute_loss, round_losses
+from deris_rerank.training.attributes import AttributeHead, AttributeHeads, pooled_attribute_loss
+from deris_rerank.training.losses import LossWeights, PairTargets, deris_loss, hungarian_match, referent_attribute_loss, round_losses
 from deris_rerank.training.tokenizer import train_word_tokenizer
 from deris_rerank.training.train_deris import DerisTrainSettings, train_deris
 
@@ -83,6 +83,22 @@ def test_referent_attribute_loss_reads_the_referent_from_the_non_padding_tokens(
     assert referent_attribute_loss(text, padding, refers_to_1._replace(referred=[torch.tensor([True, False])]), head) > 10
     none_or_two = [torch.tensor([False, False]), torch.tensor([True, True])]  # neither counts
     assert referent_attribute_loss(text.expand(2, -1, -1), padding.expand(2, -1), PairTargets([instances] * 2, none_or_two, [labels] * 2), head) == 0
+
+
+def test_each_attribute_weight_switches_only_its_own_loss():
+    instances = squares(2)
+    state = {"mask_logits_stride4": torch.zeros(1, 3, 16, 16), "refer_logits": torch.zeros(1, 3, 2),
+             "query_before_loopback": torch.randn(1, 3, 4)}
+    outputs = {"rounds": [state], "existence_logit": torch.zeros(1, 1), "text_feat": torch.randn(1, 5, 4)}
+    targets = PairTargets([instances], [torch.tensor([True, False])], [torch.tensor([[1, 0], [0, 1]])])
+    heads, padding = AttributeHeads(4, num_maps=1, vocabulary_sizes=[2, 2]), torch.zeros(1, 5, dtype=torch.bool)
+    both = deris_loss(outputs, targets, torch.ones(1), LossWeights(), heads, padding)
+    no_query = deris_loss(outputs, targets, torch.ones(1), LossWeights(attributes=0.0), heads, padding)
+    no_referent = deris_loss(outputs, targets, torch.ones(1), LossWeights(referent=0.0), heads, padding)
+    assert {"attributes", "referent"} <= set(both)
+    assert "attributes" not in no_query and "referent" in no_query
+    assert "attributes" in no_referent and "referent" not in no_referent
+    assert torch.isclose(both["total"], no_query["total"] + 6.0 * both["attributes"])
 
 
 def test_pooled_attribute_loss_averages_each_instance_region():

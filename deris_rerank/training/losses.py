@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from .attributes import AttributeHeads, attribute_cross_entropy
+from .attributes import AttributeHead, AttributeHeads, attribute_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -142,8 +142,9 @@ def deris_loss(
 
     outputs: DerisModel.forward(..., return_rounds=True); exists float [B] (1 when a referent
     exists). With `attribute_heads` and targets.attributes, also the query-attribute loss of
-    every round and (given the tokens' text_padding bool [B, T], True = pad) the
-    referent-attribute loss on the text features. Returns the weighted
+    every round (unless weights.attributes is 0) and, given the tokens' text_padding bool
+    [B, T] (True = pad), the referent-attribute loss on the text features (unless
+    weights.referent is 0). Returns the weighted
     `total` and the unweighted parts (of the last round).
     """
     rounds = outputs["rounds"]
@@ -153,7 +154,8 @@ def deris_loss(
     scaled = {"refer": weights.refer, "mask": weights.mask, "dice": weights.dice, "attributes": weights.attributes}
     supervise_attributes = attribute_heads is not None and targets.attributes is not None
     for r, state in enumerate(rounds):
-        attribute_logits = attribute_heads.queries(state["query_before_loopback"]) if supervise_attributes else None
+        query_attributes = supervise_attributes and weights.attributes > 0
+        attribute_logits = attribute_heads.queries(state["query_before_loopback"]) if query_attributes else None
         losses = round_losses(state["mask_logits_stride4"], state["refer_logits"], targets, weights, attribute_logits)
         round_total = sum(scaled[name] * value for name, value in losses.items())
         total = total + (1.0 if r == len(rounds) - 1 else weights.aux) * round_total
@@ -167,7 +169,7 @@ def deris_loss(
     return parts
 
 
-def referent_attribute_loss(text_feat: Tensor, text_padding: Tensor, targets: PairTargets, head) -> Tensor:
+def referent_attribute_loss(text_feat: Tensor, text_padding: Tensor, targets: PairTargets, head: AttributeHead) -> Tensor:
     """Attribute CE of the referent, read from the text features averaged over the non-padding tokens.
 
     text_feat [B, T, C]; text_padding bool [B, T] (True = pad). Only pairs with exactly one

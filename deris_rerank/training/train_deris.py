@@ -173,7 +173,6 @@ def train_deris(
     model.train()
     log(f"training {config.name} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}, "
         f"steps {start}..{settings.steps}, batch {settings.batch_size}")
-    heads = head if weights.attributes > 0 else None
     running: Dict[str, float] = {}
     logged = start
     began = time.perf_counter()
@@ -185,18 +184,18 @@ def train_deris(
         image_hi, image_lo = batch["image_hi"].to(device, non_blocking=True), batch["image_lo"].to(device, non_blocking=True)
         tokens, padding = batch["tokens"].to(device), batch["padding"].to(device)
         instances, attributes = ([t.to(device) for t in batch[key]] for key in ("instances", "attributes"))
-        per_pair = lambda per_image: [per_image[i] for i in batch["image_index"].tolist()]  # noqa: E731
-        targets = PairTargets(per_pair(instances), [r.to(device) for r in batch["referred"]],
-                              per_pair(attributes) if heads is not None else None)
+        pair_images = batch["image_index"].tolist()
+        targets = PairTargets([instances[i] for i in pair_images], [r.to(device) for r in batch["referred"]],
+                              [attributes[i] for i in pair_images])
         exists = torch.tensor([float(r.any()) for r in batch["referred"]], device=device)
         with autocast:
             features = model.encode_image(image_hi)
             outputs = model(None, image_lo[image_index], tokens, padding, image_features=features.select(image_index),
                             return_rounds=True, with_mask_logits=False)
-            losses = deris_loss(outputs, targets, exists, weights, heads, padding)
-            if heads is not None:
+            losses = deris_loss(outputs, targets, exists, weights, head, padding)
+            if weights.attributes > 0:
                 maps = [*features.multi_scale, features.mask_features]
-                losses["pixel_attributes"] = pooled_attribute_loss(maps, instances, attributes, heads.maps)
+                losses["pixel_attributes"] = pooled_attribute_loss(maps, instances, attributes, head.maps)
                 losses["total"] = losses["total"] + weights.attributes * losses["pixel_attributes"]
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
