@@ -21,6 +21,15 @@ def squares(k, size=16):
     return masks
 
 
+def dominant_channel_head():
+    """An AttributeHead over 2 channels with one 2-class attribute: class 0 when channel 0 dominates, 1 when channel 1 does."""
+    head = AttributeHead(2, [2])
+    with torch.no_grad():
+        head.norm.weight.fill_(1.0), head.norm.bias.zero_()
+        head.linear.weight.copy_(torch.tensor([[20.0, -20.0], [-20.0, 20.0]])), head.linear.bias.zero_()
+    return head
+
+
 def test_matching_recovers_the_permutation_and_prefers_referring_slots():
     instances = squares(3)
     order = [2, 0, 1]  # slot s predicts instance order[s]; slots 3.. predict nothing
@@ -70,10 +79,7 @@ def test_attribute_loss_reads_the_matched_instance_of_each_slot():
 
 
 def test_referent_attribute_loss_reads_the_referent_from_the_non_padding_tokens():
-    head = AttributeHead(2, [2])
-    with torch.no_grad():  # class 0 when channel 0 dominates, class 1 when channel 1 does
-        head.norm.weight.fill_(1.0), head.norm.bias.zero_()
-        head.linear.weight.copy_(torch.tensor([[20.0, -20.0], [-20.0, 20.0]])), head.linear.bias.zero_()
+    head = dominant_channel_head()
     text = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 9.0]]])  # two tokens say class 0; the padding says 1
     padding = torch.tensor([[False, False, True]])
     labels = torch.tensor([[1], [0]])  # object 0 has class 1, object 1 class 0
@@ -106,10 +112,7 @@ def test_pooled_attribute_loss_averages_each_instance_region():
     fmap = torch.zeros(1, 2, 8, 8)
     fmap[0, 0] = torch.nn.functional.interpolate(instances[None, :1], size=(8, 8), mode="area")[0, 0] * 4
     fmap[0, 1] = torch.nn.functional.interpolate(instances[None, 1:], size=(8, 8), mode="area")[0, 0] * 4
-    head = AttributeHead(2, [2])
-    with torch.no_grad():  # class 0 when channel 0 dominates, class 1 when channel 1 does
-        head.norm.weight.fill_(1.0), head.norm.bias.zero_()
-        head.linear.weight.copy_(torch.tensor([[20.0, -20.0], [-20.0, 20.0]])), head.linear.bias.zero_()
+    head = dominant_channel_head()
     right = pooled_attribute_loss([fmap], [instances], [torch.tensor([[0], [1]])], [head])
     wrong = pooled_attribute_loss([fmap], [instances], [torch.tensor([[1], [0]])], [head])
     assert right < 1e-3 and wrong > 10

@@ -26,6 +26,14 @@ ATTRIBUTE_VOCABULARIES: Tuple[Tuple[str, Sequence[str]], ...] = (
 )
 
 
+def attribute_labels(objects: Sequence) -> Tensor:
+    """int64 [K, 4]: each object's (shape, colour, size, style) index in ATTRIBUTE_VOCABULARIES.
+
+    objects: K RefShapes `SceneObject`s (anything with those four attributes)."""
+    labels = [[values.index(getattr(obj, name)) for name, values in ATTRIBUTE_VOCABULARIES] for obj in objects]
+    return torch.tensor(labels, dtype=torch.long).reshape(len(labels), len(ATTRIBUTE_VOCABULARIES))
+
+
 class AttributeHead(nn.Module):
     """Features [..., C] -> one logit tensor [..., V_a] per attribute (LayerNorm + Linear)."""
 

@@ -153,8 +153,8 @@ def deris_loss(
     parts["existence"] = total.detach()
     scaled = {"refer": weights.refer, "mask": weights.mask, "dice": weights.dice, "attributes": weights.attributes}
     supervise_attributes = attribute_heads is not None and targets.attributes is not None
+    query_attributes = supervise_attributes and weights.attributes > 0
     for r, state in enumerate(rounds):
-        query_attributes = supervise_attributes and weights.attributes > 0
         attribute_logits = attribute_heads.queries(state["query_before_loopback"]) if query_attributes else None
         losses = round_losses(state["mask_logits_stride4"], state["refer_logits"], targets, weights, attribute_logits)
         round_total = sum(scaled[name] * value for name, value in losses.items())

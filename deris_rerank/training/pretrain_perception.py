@@ -27,7 +27,7 @@ from ..deris.config import DerisConfig
 from ..deris.swin import SwinBackbone
 from ..fileio import atomic_write
 from ..preprocess import prepare_images
-from .attributes import ATTRIBUTE_VOCABULARIES, AttributeHead, attribute_cross_entropy
+from .attributes import ATTRIBUTE_VOCABULARIES, AttributeHead, attribute_cross_entropy, attribute_labels
 
 
 @dataclass
@@ -58,15 +58,17 @@ def crop_batch(dataset: RefShapes, config: DerisConfig, settings: PerceptionPret
     seeded by (seed, step) until at least `objects_per_step` objects."""
     rng = np.random.default_rng([settings.seed, step])
     crops: List[Tensor] = []
-    labels: List[List[int]] = []
-    while len(labels) < settings.objects_per_step:
+    labels: List[Tensor] = []
+    objects = 0
+    while objects < settings.objects_per_step:
         scene = dataset.scene(int(rng.integers(0, dataset.num_images)))
         image, _ = prepare_images(scene.image, config.image_size, config.image_size_lo)
         scale = config.image_size / scene.image.shape[1], config.image_size / scene.image.shape[0]
         centres = [(obj.centre[0] * scale[0], obj.centre[1] * scale[1]) for obj in scene.objects]
         crops.append(object_crops(image, centres, settings.crop_size))
-        labels += [[values.index(getattr(obj, name)) for name, values in ATTRIBUTE_VOCABULARIES] for obj in scene.objects]
-    return torch.cat(crops), torch.tensor(labels, dtype=torch.long)
+        labels.append(attribute_labels(scene.objects))
+        objects += len(scene.objects)
+    return torch.cat(crops), torch.cat(labels)
 
 
 def pretrain_perception(

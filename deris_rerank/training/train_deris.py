@@ -31,7 +31,7 @@ from ..deris.model import DerisModel
 from ..errors import CheckpointError
 from ..fileio import atomic_write, read_safetensors, read_torch_file
 from ..preprocess import Beit3Tokenizer, prepare_images
-from .attributes import ATTRIBUTE_VOCABULARIES, AttributeHeads, pooled_attribute_loss
+from .attributes import AttributeHeads, attribute_labels, pooled_attribute_loss
 from .losses import LossWeights, PairTargets, deris_loss
 
 CHECKPOINT = "checkpoint.pt"
@@ -86,10 +86,7 @@ class RefShapesStream(IterableDataset):
         size = self.config.image_size // 4
         masks = torch.from_numpy(np.array(scene.masks, dtype=np.float32))[:, None]
         instances = (F.interpolate(masks, size=(size, size), mode="area")[:, 0] >= 0.5).float()
-        attributes = torch.tensor(
-            [[values.index(getattr(obj, name)) for name, values in ATTRIBUTE_VOCABULARIES] for obj in scene.objects],
-            dtype=torch.long,
-        )
+        attributes = attribute_labels(scene.objects)
         texts = []
         for expression in scene.expressions[:max_texts]:
             referred = torch.zeros(len(scene.objects), dtype=torch.bool)
