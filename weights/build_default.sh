@@ -3,11 +3,16 @@
 # then its Venice-H1 gate trained on features extracted from separate RefShapes splits, with the
 # same commands a user runs for the official weights, and the bundled demo example.
 # Usage: bash weights/build_default.sh [RUN_DIR]   (about 1 h 15 min on 2 CPU cores; DEVICE=cuda to use a GPU)
+# STEPS and BATCH_SIZE (defaults 6000 and 16: the shipped default's) set the DeRIS training length,
+# e.g. STEPS=60000 BATCH_SIZE=64 DEVICE=cuda for a longer run on a GPU. An interrupted run resumes
+# from RUN_DIR/checkpoint.pt when the script is rerun with the same settings.
 set -euo pipefail
 RUN=${1:-runs/deris-tiny}
 DEVICE=${DEVICE:-auto}
+STEPS=${STEPS:-6000}
+BATCH_SIZE=${BATCH_SIZE:-16}
 
-deris-rerank train-deris --preset deris-tiny --out "$RUN" --steps 6000 --batch-size 16 \
+deris-rerank train-deris --preset deris-tiny --out "$RUN" --steps "$STEPS" --batch-size "$BATCH_SIZE" \
     --train-images 200000 --seed 0 --device "$DEVICE"
 
 extract() {  # split, images, seed
