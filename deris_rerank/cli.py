@@ -87,6 +87,17 @@ def settings_from_args(args: argparse.Namespace, settings_class):
     return settings_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)})
 
 
+def add_training_run_flags(parser: argparse.ArgumentParser) -> None:
+    """--device and --quiet of the training commands; `training_log` reads --quiet."""
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def training_log(args: argparse.Namespace):
+    """The progress-line printer a training command passes on: print, or nothing with --quiet."""
+    return (lambda line: None) if args.quiet else print
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     """Segment one image for one expression; write overlay + mask (+ candidates grid)."""
     image = Path(args.image)
@@ -160,8 +171,7 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args, TrainSettings)
     device = resolve_device(args.device)
-    gate = train_gate(load_gate_data([Path(p) for p in args.train]), settings, device=device,
-                      log=(lambda line: None) if args.quiet else print)
+    gate = train_gate(load_gate_data([Path(p) for p in args.train]), settings, device=device, log=training_log(args))
     gate.rule, tuned = choose_rule(gate, load_gate_data([Path(p) for p in args.tune]), settings)
     written = save_gate(gate.cpu(), args.out)
     print(json.dumps({"gate": str(written), "rule": gate.settings()["rule"], **tuned}))
@@ -189,8 +199,7 @@ def cmd_pretrain_perception(args: argparse.Namespace) -> int:
     config = DerisConfig.preset(args.preset)
     dataset = RefShapes("train", num_images=args.train_images, seed=args.seed, image_size=(config.image_size, config.image_size))
     settings = settings_from_args(args, PerceptionPretrainSettings)
-    pretrain_perception(config, dataset, Path(args.out), settings, device=resolve_device(args.device),
-                        log=(lambda line: None) if args.quiet else print)
+    pretrain_perception(config, dataset, Path(args.out), settings, device=resolve_device(args.device), log=training_log(args))
     print(json.dumps({"perception": args.out}))
     return 0
 
@@ -213,7 +222,7 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, DerisTrainSettings)
     device = resolve_device(args.device)
     init = Path(args.init_perception) if args.init_perception else None
-    train_deris(config, dataset, tokenizer, out, settings, device=device, log=(lambda line: None) if args.quiet else print,
+    train_deris(config, dataset, tokenizer, out, settings, device=device, log=training_log(args),
                 init_perception=init)
     print(json.dumps({"model": str(out / "model"), "tokenizer": str(out / "model" / "tokenizer.model")}))
     return 0
@@ -321,8 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
     add_settings_flags(train, TrainSettings, features=dict(
         choices=sorted(FEATURE_SETS), help="feature ablation: full, base (no grid signatures) or one grid scale"))
-    train.add_argument("--device", default="auto")
-    train.add_argument("--quiet", action="store_true")
+    add_training_run_flags(train)
     train.set_defaults(run=cmd_train_gate)
 
     evaluate = commands.add_parser(
@@ -351,8 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_deris.add_argument("--tokenizer", help="sentencepiece model (default: train one on the RefShapes grammar)")
     add_settings_flags(train_deris, DerisTrainSettings)
     train_deris.add_argument("--init-perception", help="Swin weights from `deris-rerank pretrain-perception`")
-    train_deris.add_argument("--device", default="auto")
-    train_deris.add_argument("--quiet", action="store_true")
+    add_training_run_flags(train_deris)
     train_deris.set_defaults(run=cmd_train_deris)
 
     pretrain = commands.add_parser(
@@ -365,8 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--out", required=True, help="output file, e.g. runs/perception.safetensors")
     pretrain.add_argument("--train-images", type=int, default=200_000, help="RefShapes images to draw scenes from")
     add_settings_flags(pretrain, PerceptionPretrainSettings)
-    pretrain.add_argument("--device", default="auto")
-    pretrain.add_argument("--quiet", action="store_true")
+    add_training_run_flags(pretrain)
     pretrain.set_defaults(run=cmd_pretrain_perception)
 
     convert = commands.add_parser(
