@@ -122,7 +122,7 @@ def _read_jsonl(path: Path) -> List[dict]:
 def _append_line(path: Path, record: dict) -> None:
     """Append one JSON line with a single write on an O_APPEND descriptor, then fsync."""
     data = (json.dumps(record) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         os.write(fd, data)
         os.fsync(fd)

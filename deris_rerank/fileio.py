@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import tempfile
+import re
+import secrets
+import stat
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict
 
@@ -26,17 +28,33 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
 
     The rename is atomic on one filesystem: readers see the old file or the new one,
     never a mix. On any error the temporary file is removed and the error re-raised.
+    The file ends with the mode a plain `open(target, "w")` gives: an existing target's
+    mode is kept, a new file gets 0o666 less the process umask (0o644 under umask 022).
     """
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = _create_temp_beside(target)
     try:
-        write(tmp)
+        if target.exists():
+            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        write(str(tmp))
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return target
+
+
+def _create_temp_beside(target: Path) -> Path:
+    """Create an empty, unique temporary file next to `target`, mode 0o666 less the umask
+    (like `open`; `tempfile.mkstemp` would make it 0o600, which the rename would keep)."""
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {target}")
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -50,22 +68,43 @@ def require_file(path: str | Path, what: str) -> Path:
 def read_torch_file(path: str | Path, what: str = "checkpoint") -> Any:
     """Load a `.pt`/`.pth` file with `weights_only=True` onto the CPU.
 
-    Raises CheckpointError when the file is missing, is not a torch file, or holds
-    objects that only arbitrary unpickling could rebuild (which could run code).
+    Raises CheckpointError when the file is missing, is not a PyTorch file (or is corrupt), or
+    holds Python objects that only arbitrary unpickling could rebuild (which could run code).
     """
     path = require_file(path, what)
+    if not _looks_like_torch_file(path):
+        raise CheckpointError(
+            f"cannot read {what} {path}: not a PyTorch file (.pt/.pth), or it is corrupt; "
+            f"expected a {what} written by torch.save, or a .safetensors file"
+        )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except Exception as exc:  # the restricted unpickler fails in many ways on damaged bytes
+        refused = _GLOBAL_REFUSED.search(str(exc))
+        if refused:
+            raise CheckpointError(
+                f"refusing to load {what} {path}: it holds the Python object {refused.group(1)}, which only "
+                f"arbitrary unpickling could rebuild (that could run code); re-save it as a plain state dict "
+                f"of tensors or as safetensors"
+            ) from None
         raise CheckpointError(
-            f"refusing to load {what} {path}: it needs arbitrary unpickling, which could run code "
-            f"({reason}); re-save it as a plain state dict or as safetensors"
+            f"cannot read {what} {path}: not a readable PyTorch file (damaged, truncated, or a pickle of "
+            f"other Python objects); expected a {what} written by torch.save, or a .safetensors file"
         ) from None
-    except Exception as exc:  # the restricted unpickler fails in many ways on non-torch bytes
-        raise CheckpointError(f"cannot read {what} {path}: not a readable torch file ({exc})") from None
+
+
+_GLOBAL_REFUSED = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """True for torch.save's zip format or its legacy pickle format (starts with a pickle PROTO opcode)."""
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def read_safetensors(path: str | Path, what: str = "checkpoint") -> Dict[str, torch.Tensor]:

@@ -178,7 +178,7 @@ def test_malicious_pickle_is_refused(tmp_path):
     assert not sentinel.exists()
     # and the same payload in a plain pickle file
     path.write_bytes(pickle.dumps(RunsCode(sentinel)))
-    with pytest.raises(CheckpointError, match="arbitrary unpickling|not a readable torch file"):
+    with pytest.raises(CheckpointError, match="arbitrary unpickling|not a readable PyTorch file"):
         load_gate(path)
     assert not sentinel.exists()
 
