@@ -6,8 +6,12 @@ Output folder:
     masks/<id>.png   the selected mask (0/255)
     results.jsonl    one line per finished pair
     errors.jsonl     one line per failed pair, with the reason
-    summary.json     counts and speed
-A rerun into the same folder skips the ids already in results.jsonl. Every file is written
+    summary.json     counts, speed and the run's identity
+    run.json         the run's identity (model, tokenizer and gate hashes, decision rule, dtype, ...)
+A rerun into the same folder skips the ids already in results.jsonl, but only when it has the
+same identity and each finished id was made for the same image and text; otherwise it stops
+with a message naming the differences (OutputMismatchError), and `overwrite=True` starts
+afresh, removing the old outputs first. Every file is written
 through a temp file + rename, and each results line with a single append, so a kill never
 leaves a half-written mask or line (a torn last line is ignored when resuming). When a run
 completes, results.jsonl and errors.jsonl are rewritten in manifest order, so an interrupted
@@ -16,9 +20,11 @@ and resumed run ends with the same files as an uninterrupted one (timings aside)
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +32,18 @@ from typing import Dict, Iterable, List
 
 from tqdm import tqdm
 
-from .errors import DerisRerankError, InputError, OutputError
+from .errors import DerisRerankError, InputError, OutputError, OutputMismatchError
 from .fileio import atomic_write
 from .pipeline import Pipeline
+from .preprocess import shorten_text
 from .rle import encode_mask
+from .run_identity import identity_differences, pipeline_identity
 from .visualize import save_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_ID_LENGTH = 120
+IDENTITY_FILE = "run.json"
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,11 @@ def read_manifest(path: Path) -> List[BatchItem]:
 
 
 def read_folder(folder: Path, texts: List[str]) -> List[BatchItem]:
-    """Every image file in `folder` (sorted) with every text in `texts`."""
+    """Every image file in `folder` (sorted) with every text in `texts`.
+
+    Ids: the image's stem for one text; with several texts, the stem, the text's words and a
+    short hash of the text (`dog_the-brown-dog_1a2b3c`), so an id always names one image-text pair.
+    """
     if not folder.is_dir():
         raise InputError(f"image folder not found: {folder}")
     if not texts:
@@ -100,9 +113,15 @@ def read_folder(folder: Path, texts: List[str]) -> List[BatchItem]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-    raw = [image.stem if len(texts) == 1 else f"{image.stem}_{k}" for image in images for k in range(len(texts))]
+    raw = [image.stem if len(texts) == 1 else f"{image.stem}_{_text_slug(text)}" for image in images for text in texts]
     pairs = [(image, text) for image in images for text in texts]
     return [BatchItem(i, image, text) for i, (image, text) in zip(_unique_ids(raw), pairs)]
+
+
+def _text_slug(text: str) -> str:
+    """A short file-name part for a text: its first words joined by '-', and 6 hex digits of its sha1."""
+    words = "-".join(_UNSAFE.sub("", word) for word in text.lower().split())[:40].strip("-")
+    return f"{words or 'text'}_{hashlib.sha1(text.encode('utf-8')).hexdigest()[:6]}"
 
 
 def _read_jsonl(path: Path) -> List[dict]:
@@ -135,17 +154,33 @@ def _rewrite_jsonl(path: Path, records: List[dict]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def run_batch(pipe: Pipeline, items: List[BatchItem], out_dir: Path, batch_size: int = 8, progress: bool = True) -> dict:
-    """Process `items` into `out_dir` (see the module docstring). Returns the summary dict."""
+def run_batch(
+    pipe: Pipeline, items: List[BatchItem], out_dir: Path, batch_size: int = 8, progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Process `items` into `out_dir` (see the module docstring). Returns the summary dict.
+
+    Raises OutputMismatchError, before any work, when `out_dir` holds results of another run
+    identity or for other inputs under the same ids (unless overwrite=True).
+    """
     masks_dir = out_dir / "masks"
     try:
-        masks_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}; choose a writable folder") from None
     results_path, errors_path = out_dir / "results.jsonl", out_dir / "errors.jsonl"
+    identity = pipeline_identity(pipe)
+    if overwrite:
+        _clear_outputs(out_dir)
+    earlier = _read_jsonl(results_path)
+    _check_identity(out_dir, identity, bool(earlier) or (masks_dir.is_dir() and any(masks_dir.iterdir())))
+    _check_inputs(out_dir, earlier, items)
+    _write_json(out_dir / IDENTITY_FILE, identity)
+    masks_dir.mkdir(exist_ok=True)
     order = {item.id: n for n, item in enumerate(items)}
-    done = {r["id"]: r for r in _read_jsonl(results_path) if r.get("id") in order}
-    _rewrite_jsonl(results_path, sorted(done.values(), key=lambda r: order[r["id"]]))  # drop a torn line
+    done = {r["id"]: r for r in earlier if r.get("id") in order}
+    kept = [r for r in earlier if r.get("id") not in order]  # finished by an earlier run of another list: kept
+    _rewrite_jsonl(results_path, sorted(done.values(), key=lambda r: order[r["id"]]) + kept)  # drops a torn line
     _rewrite_jsonl(errors_path, [])
     todo = [item for item in items if item.id not in done]
     errors: Dict[str, dict] = {}
@@ -161,23 +196,11 @@ def run_batch(pipe: Pipeline, items: List[BatchItem], out_dir: Path, batch_size:
                 if masks_dir.resolve() not in mask_path.resolve().parents:
                     raise OutputError(f"id {item.id!r} would write outside {masks_dir}")
                 save_png(mask_path, outcome.mask)
-                record = {
-                    "id": item.id,
-                    "image": str(item.image),
-                    "text": item.text,
-                    "selected": outcome.selected,
-                    "selected_slot": outcome.selected_slot,
-                    "switched": outcome.switched,
-                    "p_fail": outcome.p_fail,
-                    "scores": outcome.scores,
-                    "mask": encode_mask(outcome.mask),
-                    "timings_ms": outcome.timings,
-                }
-                done[item.id] = record
-                _append_line(results_path, record)
+                done[item.id] = _record(item, outcome)
+                _append_line(results_path, done[item.id])
             bar.update(1)
     elapsed = time.perf_counter() - start
-    _rewrite_jsonl(results_path, sorted(done.values(), key=lambda r: order[r["id"]]))
+    _rewrite_jsonl(results_path, sorted(done.values(), key=lambda r: order[r["id"]]) + kept)
     _rewrite_jsonl(errors_path, sorted(errors.values(), key=lambda r: order[r["id"]]))
     processed = len(todo) - len(errors)
     summary = {
@@ -185,13 +208,97 @@ def run_batch(pipe: Pipeline, items: List[BatchItem], out_dir: Path, batch_size:
         "succeeded": len(done),
         "failed": len(errors),
         "skipped_already_done": len(items) - len(todo),
+        "kept_from_other_lists": len(kept),
         "switched": sum(1 for r in done.values() if r["switched"]),
+        "empty_masks": sum(1 for r in done.values() if r.get("mask_empty")),
+        "with_unknown_words": sum(1 for r in done.values() if r.get("unknown_words")),
         "processed_this_run": processed,
         "seconds_this_run": round(elapsed, 3),
         "pairs_per_second": round(processed / elapsed, 3) if elapsed > 0 and processed else None,
         "gate": pipe.gate is not None,
         "model": pipe.config.name,
+        "run": identity,
     }
-    atomic_write(out_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
+    _write_json(out_dir / "summary.json", summary)
     return summary
 
+
+def _record(item: BatchItem, result) -> dict:
+    """The results.jsonl line of one finished pair."""
+    return {
+        "id": item.id,
+        "image": str(item.image),
+        "text": item.text,
+        "selected": result.selected,
+        "selected_slot": result.selected_slot,
+        "switched": result.switched,
+        "p_fail": result.p_fail,
+        "scores": result.scores,
+        "mask": encode_mask(result.mask),
+        "mask_empty": result.mask_empty,
+        "unknown_words": result.unknown_words,
+        "truncated_to_tokens": result.truncated_to_tokens,
+        "timings_ms": result.timings,
+    }
+
+
+def _write_json(path: Path, value: dict) -> None:
+    text = json.dumps(value, indent=2) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _check_identity(out_dir: Path, identity: dict, has_results: bool) -> None:
+    """Stop when `out_dir` holds results of a run with another identity, or of unknown identity."""
+    recorded_path = out_dir / IDENTITY_FILE
+    if not recorded_path.is_file():
+        if has_results:
+            raise OutputMismatchError(
+                f"{out_dir} holds results without a record of the settings that made them ({IDENTITY_FILE}); "
+                f"rerun with --overwrite to replace them, or choose another --out"
+            )
+        return
+    try:
+        recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        recorded = {"unreadable": True}
+    differences = identity_differences(recorded, identity)
+    if differences:
+        shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+        raise OutputMismatchError(
+            f"{out_dir} holds results made with other settings ({shown}); rerun with --overwrite to replace "
+            f"them, or choose another --out"
+        )
+
+
+def _check_inputs(out_dir: Path, earlier: List[dict], items: List[BatchItem]) -> None:
+    """Stop when a finished id of `out_dir` was made for another image or text than this run's pair."""
+    wanted = {item.id: item for item in items}
+    changed = [
+        (r["id"], r.get("image"), str(wanted[r["id"]].image), r.get("text"), wanted[r["id"]].text)
+        for r in earlier
+        if r.get("id") in wanted and (r.get("image"), r.get("text")) != (str(wanted[r["id"]].image), wanted[r["id"]].text)
+    ]
+    if changed:
+        rid, old_image, new_image, old_text, new_text = changed[0]
+        what = (f"text {shorten_text(old_text or '', 40)} -> {shorten_text(new_text, 40)}" if old_text != new_text
+                else f"image {old_image} -> {new_image}")
+        more = f" and {len(changed) - 1} more id(s)" if len(changed) > 1 else ""
+        raise OutputMismatchError(
+            f"{out_dir} holds results for other inputs under the same ids (id {rid!r}: {what}{more}); rerun with "
+            f"--overwrite to replace them, or choose another --out"
+        )
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    """Remove a batch run's outputs from `out_dir`: first the claims (summary, results, errors),
+    then the masks (moved aside, then deleted), then the identity; other files are left alone."""
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    for name in ("results.jsonl", "errors.jsonl"):
+        if (out_dir / name).exists():
+            _rewrite_jsonl(out_dir / name, [])
+    masks_dir = out_dir / "masks"
+    if masks_dir.is_dir():
+        masks_dir.rename(out_dir / f".masks-replaced-{os.getpid()}")
+    for aside in out_dir.glob(".masks-replaced-*"):  # this run's, and any a killed run left
+        shutil.rmtree(aside)
+    (out_dir / IDENTITY_FILE).unlink(missing_ok=True)

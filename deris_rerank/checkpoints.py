@@ -5,7 +5,6 @@ each prefix the names are upstream's. Files are read only through `fileio`'s saf
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,7 +16,7 @@ from safetensors.torch import save_file as save_safetensors
 from .deris.config import PRESETS, DerisConfig
 from .deris.model import DerisModel
 from .errors import CheckpointError, OutputError
-from .fileio import atomic_write, read_json, read_safetensors, read_torch_file
+from .fileio import atomic_write, file_sha256, read_json, read_safetensors, read_torch_file
 
 
 def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], limit: int = 12) -> str:
@@ -133,7 +132,7 @@ def _read_deris_source(source: Any, config: Any) -> Tuple[Dict[str, torch.Tensor
             sidecar = read_json(folder / DERIS_CONFIG_FILE, "DeRIS config")
             if sidecar.get("format") != DERIS_FORMAT_NAME:
                 raise CheckpointError(f"{folder / DERIS_CONFIG_FILE} is not a {DERIS_FORMAT_NAME} config (no matching 'format')")
-            stored_config = DerisConfig.from_dict(sidecar["config"])
+            stored_config = DerisConfig.from_dict(sidecar.get("config", {}), origin=str(folder / DERIS_CONFIG_FILE))
         else:
             state = unwrap_upstream_checkpoint(read_torch_file(path, "DeRIS checkpoint"), origin)
             stored_config = None
@@ -191,15 +190,6 @@ def load_deris(source: Any, config: Any = None, device: Any = None, dtype: Optio
     for module, attribute, value in derived.values():
         module.register_buffer(attribute, value, persistent=False)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_sha256(path: str | Path) -> str:

@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import DerisRerankError
+from .preprocess import shorten_text
 from .version import __version__
 from .training.pretrain_perception import PerceptionPretrainSettings
 from .training.train_deris import DerisTrainSettings
 from .workflow.train_gate import FEATURE_SETS, TrainSettings
+
+MAX_REASONS_SHOWN = 5  # failed pairs whose reasons `batch` prints at the end
 
 
 def _add_rule_overrides(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +62,14 @@ def _summary(result, written) -> str:
         decision = f"kept DeRIS's {top}"
     gate = "no gate" if result.p_fail is None else f"p_fail {result.p_fail:.3f}"
     stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items())
+    area = "EMPTY (nothing found)" if result.mask_empty else f"{int(result.mask.sum())} pixels"
+    notes = [f"note: {note}" for note in result.notes if not note.startswith("answered by the embedded default")]
     return "\n".join(
         [
-            f"{result.text!r}: {decision}; {gate}",
+            f"{shorten_text(result.text)}: {decision}; {gate}",
+            f"mask: {area}",
             "scores: " + " ".join(f"{s:.3f}" for s in result.scores),
+            *notes,
             f"time: {sum(result.timings.values()):.0f} ms ({stages})",
             "wrote: " + ", ".join(str(p) for p in written.values()),
         ]
@@ -124,8 +131,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
             texts += [t for t in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if t.strip()]
         items = read_folder(Path(args.images), texts)
     pipe = _pipeline(args)
-    summary = run_batch(pipe, items, Path(args.out), batch_size=args.batch_size, progress=not args.quiet)
+    summary = run_batch(pipe, items, Path(args.out), batch_size=args.batch_size, progress=not args.quiet,
+                        overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
+    if summary["failed"]:
+        print(f"deris-rerank: {summary['failed']} of {summary['total']} pairs failed "
+              f"(all in {Path(args.out) / 'errors.jsonl'}); first reasons:", file=sys.stderr)
+        for line in (Path(args.out) / "errors.jsonl").read_text(encoding="utf-8").splitlines()[:MAX_REASONS_SHOWN]:
+            record = json.loads(line)
+            print(f"  {record['id']}: {record['error']}", file=sys.stderr)
     return 1 if summary["failed"] else 0
 
 
@@ -145,6 +159,21 @@ def _samples(args: argparse.Namespace):
     return load_split(args.data, Path(args.images), args.split)
 
 
+def _data_source(args: argparse.Namespace) -> dict:
+    """Where a split's pairs come from, for the cache's provenance: RefShapes settings, or the
+    annotation file's sha256 (a refer folder: its files' names and sizes)."""
+    if args.data == "refshapes":
+        return {"refshapes": {"images": args.refshapes_images, "seed": args.refshapes_seed,
+                              "size": args.refshapes_size, "mode": args.refshapes_mode}, "split": args.split}
+    from .fileio import file_sha256
+
+    data = Path(args.data)
+    if data.is_dir():
+        listing = {p.name: p.stat().st_size for p in sorted(data.iterdir()) if p.is_file()}
+        return {"annotations": data.name, "files": listing, "split": args.split}
+    return {"annotations": data.name, "sha256": file_sha256(data), "split": args.split}
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     """Run DeRIS over a split and write its Venice-H1 feature cache."""
     from .errors import InputError
@@ -158,7 +187,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     pipe = Pipeline(deris=args.deris, gate=False, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                     query_source=args.query_source, batch_semantics=args.batch_semantics)
     counts = extract_split(pipe, samples, Path(args.out), shard_size=args.shard_size, batch_size=args.batch_size,
-                           protocol=args.iou_at, worker=(int(index), int(count)), progress=not args.quiet)
+                           protocol=args.iou_at, worker=(int(index), int(count)), progress=not args.quiet,
+                           source=_data_source(args), overwrite=args.overwrite)
     print(json.dumps({"split": args.split, **counts}))
     return 1 if counts["failed"] else 0
 
@@ -275,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         "batch",
         help="process many image-text pairs (resumable)",
         description="Input: --manifest (JSONL or CSV with image, text[, id]) or --images FOLDER with --text or "
-        "--texts-file. Output: masks/<id>.png, results.jsonl, errors.jsonl, summary.json. A rerun with the same "
-        "--out skips finished ids. Exit code 1 when any pair failed.",
+        "--texts-file. Output: masks/<id>.png, results.jsonl, errors.jsonl, summary.json, run.json. A rerun with "
+        "the same --out and the same settings skips finished ids; with other settings it stops (exit 2) unless "
+        "--overwrite is given. Exit code 1 when any pair failed.",
     )
     batch.add_argument("--manifest", help="JSONL or CSV manifest; image paths relative to it")
     batch.add_argument("--images", help="folder of images")
@@ -285,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--out", required=True, help="output folder")
     batch.add_argument("--batch-size", type=int, default=8, help="pairs per model run (default 8)")
     batch.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch.add_argument("--overwrite", action="store_true",
+                       help="start afresh: remove earlier results in --out (needed when they were made with other "
+                       "settings or for other inputs)")
     _add_pipeline_options(batch)
     batch.set_defaults(run=cmd_batch)
 
@@ -311,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--refshapes-seed", type=int, default=0, help="RefShapes: seed")
     extract.add_argument("--refshapes-size", type=int, default=256, help="RefShapes: image side in pixels")
     extract.add_argument("--refshapes-mode", default="ris", choices=["ris", "gres"])
-    extract.add_argument("--quiet", action="store_true")
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.add_argument("--overwrite", action="store_true",
+                         help="remove the split's existing shards first (needed when they were made with other "
+                         "settings or data)")
     extract.add_argument("--deris", help="DeRIS checkpoint (official .pth, converted folder or preset name)")
     extract.add_argument("--tokenizer", help="BEiT-3 sentencepiece model")
     extract.add_argument("--device", default="auto")

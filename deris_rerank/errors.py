@@ -20,3 +20,16 @@ class InputError(DerisRerankError):
 
 class OutputError(DerisRerankError):
     """An output file or folder cannot be written."""
+
+
+class OutputMismatchError(OutputError):
+    """An output folder or cache holds results made with other settings or for other inputs."""
+
+
+class EmbeddedDefaultWarning(UserWarning):
+    """The embedded default model (trained on synthetic RefShapes scenes only) is in use."""
+
+
+class UnknownWordsWarning(UserWarning):
+    """Words of an expression are outside the tokenizer's vocabulary (they become <unk>)."""
+

@@ -350,6 +350,10 @@ def _rule_from_settings(flavour: str, settings: Mapping[str, Any], overrides: Ma
     defaults = {"temp": 1.0, "margin_pred": 0.02 if flavour == RELEASED else None, "margin_gap": 0.0}
     merged = {**defaults, **{k: settings[k] for k in ("tau", "temp", "margin_pred", "margin_gap") if k in settings}}
     merged.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("tau") is not None and not 0.0 <= float(overrides["tau"]) <= 1.0:
+        raise InputError(f"tau must be between 0 and 1 (the gate switches when p_fail > tau), got {overrides['tau']}")
+    if overrides.get("temp") is not None and not float(overrides["temp"]) > 0.0:
+        raise InputError(f"temp must be a positive number (it divides the failure logit), got {overrides['temp']}")
     if "tau" not in merged:
         raise CheckpointError(f"{path} stores no decision threshold tau; pass tau=... (e.g. --tau 0.5)")
     return DecisionRule(

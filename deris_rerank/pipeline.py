@@ -12,20 +12,29 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from .candidates import Candidates
+from .candidates import QUERY_SOURCES, Candidates
 from .checkpoints import load_deris
 from .deris.config import PRESETS
+from .deris.loopback import BATCH_SEMANTICS
 from .deris.model import DerisModel
-from .errors import CheckpointError, DerisRerankError, InputError
+from .errors import CheckpointError, DerisRerankError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
 from .gate import VeniceGate, load_gate
-from .preprocess import Beit3Tokenizer, deris_answer_mask, load_image, prepare_images, resize_mask_nearest
+from .preprocess import (
+    Beit3Tokenizer,
+    TextNotes,
+    deris_answer_mask,
+    load_image,
+    prepare_images,
+    resize_mask_nearest,
+    shorten_text,
+)
 from .result import Result
 from .timing import StageTimer
 
@@ -34,6 +43,11 @@ DEFAULT_MODEL = REPO_WEIGHTS / "deris-tiny"  # the embedded default: DeRIS-tiny 
 TOKENIZER_NAMES = ("beit3.spm", "tokenizer.model")
 GATE_NAMES = ("venice_h1.safetensors", "venice_h1.pt", "venice_h1.pth")
 GATE_BESIDE_MODEL = "gate.safetensors"  # a gate stored in a DeRIS folder belongs to that model
+EMBEDDED_DEFAULT_NOTICE = (
+    "using the embedded default model (DeRIS-tiny), which only knows synthetic RefShapes scenes "
+    "(coloured shapes such as \"the biggest cross\"); on photographs its masks mean nothing. For real images "
+    "pass the official weights: --deris/--tokenizer/--gate (Python: deris=, tokenizer=, gate=); see README"
+)
 LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -92,6 +106,27 @@ def _resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -
     return resolved
 
 
+def check_settings(tau: Optional[float] = None, batch_semantics: str = "per_sample", query_source: str = "perception") -> None:
+    """Raise InputError for an out-of-range tau or an unknown batch semantics / query source."""
+    if tau is not None and not (isinstance(tau, (int, float)) and 0.0 <= tau <= 1.0):
+        raise InputError(f"tau must be between 0 and 1 (the gate switches when p_fail > tau), got {tau!r}")
+    if batch_semantics not in BATCH_SEMANTICS:
+        raise InputError(f"batch_semantics must be one of {', '.join(BATCH_SEMANTICS)}, got {batch_semantics!r}")
+    if query_source not in QUERY_SOURCES:
+        raise InputError(f"query_source must be one of {', '.join(QUERY_SOURCES)}, got {query_source!r}")
+
+
+_embedded_default_announced = False
+
+
+def warn_embedded_default() -> None:
+    """Say once per process what the embedded default model knows (an EmbeddedDefaultWarning)."""
+    global _embedded_default_announced
+    if not _embedded_default_announced:
+        _embedded_default_announced = True
+        warnings.warn(EmbeddedDefaultWarning(EMBEDDED_DEFAULT_NOTICE), stacklevel=3)
+
+
 @dataclass
 class _Image:
     """A decoded image and its two model inputs."""
@@ -126,6 +161,7 @@ class Pipeline:
         batch_semantics: str = "per_sample",
         query_source: str = "perception",
     ):
+        check_settings(tau=tau, batch_semantics=batch_semantics, query_source=query_source)
         if deris is None:
             if not (DEFAULT_MODEL / "model.safetensors").is_file():
                 raise CheckpointError(
@@ -138,10 +174,15 @@ class Pipeline:
         self.deris_path = deris_path = _resolve_deris(deris)
         self.model: DerisModel = load_deris(deris_path, device=self.device)
         self.config = self.model.config
-        self.tokenizer = Beit3Tokenizer(self._resolve_tokenizer(tokenizer, deris_path))
+        self.tokenizer_path = self._resolve_tokenizer(tokenizer, deris_path)
+        self.tokenizer = Beit3Tokenizer(self.tokenizer_path)
+        self.gate_path: Optional[Path] = None
         self.gate: Optional[VeniceGate] = self._load_gate(gate, tau, deris_path)
         self.batch_semantics = batch_semantics
         self.query_source = query_source
+        self.is_embedded_default = deris_path.resolve() == DEFAULT_MODEL.resolve()
+        if self.is_embedded_default:
+            warn_embedded_default()
 
     def _resolve_tokenizer(self, tokenizer, deris_path: Path) -> Path:
         if tokenizer is not None:
@@ -168,6 +209,7 @@ class Pipeline:
                 raise CheckpointError(f"no Venice-H1 gate found in {', '.join(map(str, weight_folders()))}")
             warnings.warn("no Venice-H1 gate found: results are DeRIS's own first choice (pass gate=PATH)", stacklevel=3)
             return None
+        self.gate_path = path
         return load_gate(path, device=self.device, tau=tau, query_dim=self.config.hidden_dim)
 
     # --- public API --------------------------------------------------------------------
@@ -248,20 +290,39 @@ class Pipeline:
 
     def _run_chunk(self, pairs, chunk: List[List[int]], images):
         jobs = []  # (pair index, image position, tokens, padding)
+        notes = []  # TextNotes of each job
         for position, (group, image) in enumerate(zip(chunk, images)):
             for index in group:
                 if isinstance(image, DerisRerankError):
                     yield index, image
                     continue
                 try:
-                    tokens, padding = self.tokenizer.encode(_checked_text(pairs[index][1]), self.config.max_tokens)
+                    text = _checked_text(pairs[index][1])
+                    tokens, padding = self.tokenizer.encode(text, self.config.max_tokens, warn=False)
+                    notes.append(self._text_notes(text))
                 except DerisRerankError as exc:
                     yield index, exc
                     continue
                 jobs.append((index, position, tokens, padding))
         if jobs:
             used = sorted({position for _, position, _, _ in jobs})
-            yield self._infer([images[p] for p in used], [(i, used.index(p), t, m) for i, p, t, m in jobs])
+            batch = self._infer([images[p] for p in used], [(i, used.index(p), t, m) for i, p, t, m in jobs])
+            batch.text_notes = notes
+            yield batch
+
+    def _text_notes(self, text: str) -> TextNotes:
+        """Tokenizer notes for `text`, with a warning for unknown words and for truncation."""
+        notes = self.tokenizer.describe(text, self.config.max_tokens)
+        if notes.unknown_words:
+            words = ", ".join(repr(w) for w in notes.unknown_words[:10]) + (" ..." if len(notes.unknown_words) > 10 else "")
+            warnings.warn(UnknownWordsWarning(
+                f"{shorten_text(text)}: the model does not know the word(s) {words}; they all read as one unknown "
+                f"token, so expressions differing only in them give the same mask"
+            ), stacklevel=4)
+        if notes.truncated:
+            warnings.warn(f"{shorten_text(text)}: truncated to its first {notes.kept_tokens} of {notes.tokens} tokens "
+                          f"(the model reads at most {self.config.max_tokens - 2})", stacklevel=4)
+        return notes
 
     def _infer(self, images: List[_Image], jobs) -> "CandidateBatch":
         timer = StageTimer(self.device)
@@ -328,6 +389,9 @@ class Pipeline:
                 default_mask=resize_mask_nearest(binary[b, first], size).numpy(),
                 existence=float(candidates.existence[b]),
                 timings={"load": batch.load_ms[b], **shared},
+                unknown_words=list(batch.text_notes[b].unknown_words),
+                truncated_to_tokens=batch.text_notes[b].kept_tokens if batch.text_notes[b].truncated else None,
+                embedded_default=self.is_embedded_default,
                 image=batch.images[b],
                 _candidate_masks=_LazyMasks(binary[b, order[b]], size),
             )
@@ -347,6 +411,7 @@ class CandidateBatch:
     outputs: Dict[str, torch.Tensor]
     timer: StageTimer
     load_ms: List[float]
+    text_notes: List[TextNotes] = field(default_factory=list)
 
 
 class _LazyMasks:

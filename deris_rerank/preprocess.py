@@ -20,7 +20,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -347,6 +347,23 @@ def clean_text(text: str) -> str:
     return _DROPPED_CHARACTERS.sub("", text.lower()).translate(_SPACED_CHARACTERS)
 
 
+class TextNotes(NamedTuple):
+    """What `Beit3Tokenizer.describe` found: unknown words, content tokens, tokens kept."""
+
+    unknown_words: List[str]
+    tokens: int
+    kept_tokens: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.kept_tokens < self.tokens
+
+
+def shorten_text(text: str, limit: int = 80) -> str:
+    """`text` quoted, cut to `limit` characters with the full length noted: 'man on the le...' (50000 chars)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 class Beit3Tokenizer:
     """BEiT-3 text tokenizer: upstream's cleaning, then the BEiT-3 sentencepiece model.
 
@@ -396,16 +413,32 @@ class Beit3Tokenizer:
             raise InputError(f"text {text!r} gives no tokens; expected at least one word")
         return ids
 
-    def encode(self, text: str, max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, text: str, max_tokens: int, warn: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """One expression -> (ids [T], padding_mask [T]), int64 with T = max_tokens.
 
         ids = [0, content ids (at most max_tokens - 2)..., 2, 1...]; padding_mask is 1 at
-        padding and 0 at real tokens (bos and eos included). Warns when text is truncated.
+        padding and 0 at real tokens (bos and eos included). Warns when text is truncated
+        (unless warn=False; `describe` says so too).
         """
         ids, padding_mask, truncated = self._pack([text], max_tokens)
-        if truncated:
-            warnings.warn(f"text truncated to max_tokens - 2 = {max_tokens - 2} tokens: {text!r}", stacklevel=2)
+        if truncated and warn:
+            warnings.warn(f"text truncated to max_tokens - 2 = {max_tokens - 2} tokens: {shorten_text(text)}", stacklevel=2)
         return ids[0], padding_mask[0]
+
+    def describe(self, text: str, max_tokens: int) -> TextNotes:
+        """What the model will not see of `text`: words outside the vocabulary, and truncation.
+
+        unknown_words: the cleaned words (in order, without repeats) with a piece that the
+        sentencepiece model maps to <unk>; tokens: the number of content tokens;
+        kept_tokens: how many of them fit in max_tokens (bos and eos take two places).
+        """
+        content = self.content_ids(text)
+        unknown: List[str] = []
+        unk = self._processor.unk_id()
+        for word in clean_text(text).split():
+            if word not in self._special_ids and word not in unknown and unk in self._processor.encode(word):
+                unknown.append(word)
+        return TextNotes(unknown, len(content), min(len(content), max_tokens - 2))
 
     def encode_batch(self, texts: Sequence[str], max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Several expressions -> (ids [B, T], padding_mask [B, T]), int64, rows as in `encode`.

@@ -11,7 +11,7 @@ import numpy as np
 from .errors import OutputError
 from .fileio import atomic_write
 from .rle import encode_mask
-from .visualize import candidate_grid, overlay, save_png
+from .visualize import candidate_grid, decision_overlay, save_png
 
 
 @dataclass
@@ -23,8 +23,12 @@ class Result:
     list (0 = Query-0, DeRIS's own first choice); `switched` is True when the gate chose
     another one. `p_fail` is the gate's failure probability (None without a gate).
     `deris_mask` is DeRIS's own answer as its post-processing defines it (union of the
-    candidates with score > threshold); `default_mask` is Query-0's own mask. `timings` are milliseconds per stage; stages shared
-    by several pairs (decoding, image features, batched model runs) are split evenly.
+    candidates with score > threshold); `default_mask` is Query-0's own mask. `timings` are
+    milliseconds per stage; stages shared by several pairs (decoding, image features, batched
+    model runs) are split evenly. `unknown_words` are the expression's words outside the
+    tokenizer's vocabulary, `truncated_to_tokens` the number of tokens kept when the text was too
+    long (else None), `embedded_default` whether the RefShapes-only default model answered;
+    `notes` says all of these (and an empty mask) in words.
     """
 
     text: str
@@ -38,6 +42,9 @@ class Result:
     default_mask: np.ndarray
     existence: float
     timings: Dict[str, float]
+    unknown_words: List[str] = field(default_factory=list)
+    truncated_to_tokens: Optional[int] = None
+    embedded_default: bool = False
     image: Optional[np.ndarray] = field(default=None, repr=False)
     _candidate_masks: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
 
@@ -45,6 +52,25 @@ class Result:
     def image_size(self) -> Tuple[int, int]:
         """(H, W) of the original image."""
         return tuple(self.mask.shape)
+
+    @property
+    def mask_empty(self) -> bool:
+        """True when the chosen mask has no pixel: the model found nothing for the expression."""
+        return not self.mask.any()
+
+    @property
+    def notes(self) -> List[str]:
+        """Caveats about this answer in words (empty when there are none)."""
+        notes = []
+        if self.mask_empty:
+            notes.append("the chosen mask is empty: the model found nothing for this expression")
+        if self.unknown_words:
+            notes.append("words unknown to the model (read as one unknown token): " + ", ".join(self.unknown_words))
+        if self.truncated_to_tokens is not None:
+            notes.append(f"the expression was truncated to its first {self.truncated_to_tokens} tokens")
+        if self.embedded_default:
+            notes.append("answered by the embedded default model, which only knows synthetic RefShapes scenes")
+        return notes
 
     @property
     def default_index(self) -> int:
@@ -79,6 +105,11 @@ class Result:
             "slots": self.slots,
             "existence": self.existence,
             "mask_area": int(self.mask.sum()),
+            "mask_empty": self.mask_empty,
+            "unknown_words": self.unknown_words,
+            "truncated_to_tokens": self.truncated_to_tokens,
+            "embedded_default": self.embedded_default,
+            "notes": self.notes,
             "mask": encode_mask(self.mask),
             "deris_mask": encode_mask(self.deris_mask),
             "timings_ms": self.timings,
@@ -86,7 +117,8 @@ class Result:
 
     def save(self, folder: str | Path, name: str = "result", candidates: bool = False) -> Dict[str, Path]:
         """Write `<name>_mask.png` (0/255), `<name>.json`, and with the image `<name>_overlay.png`
-        (the selected mask; DeRIS's default outlined when the gate switched) and, with
+        (the selected mask in a contrasting colour; DeRIS's default outlined when the gate switched;
+        a legend) and, with
         candidates=True, `<name>_candidates.png`. Returns the written paths by kind."""
         folder = Path(folder)
         try:
@@ -98,7 +130,7 @@ class Result:
         if self.image is not None:
             outline = self.default_mask if self.switched else None
             written["overlay"] = folder / f"{name}_overlay.png"
-            save_png(written["overlay"], overlay(self.image, self.mask, outline=outline))
+            save_png(written["overlay"], decision_overlay(self.image, self.mask, outline))
             if candidates:
                 written["candidates"] = folder / f"{name}_candidates.png"
                 grid = candidate_grid(self.image, self.candidates, self.scores, self.selected, 0)

@@ -28,6 +28,8 @@ TILE_BACKGROUND: Color = (24, 24, 24)
 LABEL_COLOR: Color = (255, 255, 255)
 DEFAULT_LABEL_COLOR: Color = (255, 220, 0)
 LABEL_BACKING: Color = (0, 0, 0)
+# Colours a chosen mask may take in `decision_overlay`: the one farthest from the region it covers.
+PALETTE: Tuple[Color, ...] = ((255, 64, 64), (0, 220, 0), (64, 160, 255), (255, 0, 255), (255, 220, 0), (0, 255, 255))
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
@@ -76,6 +78,60 @@ def overlay(
         result[_inner_border(_check_mask(outline, shape, "outline"))] = outline_color
     result[_inner_border(mask)] = color
     return result
+
+
+def decision_overlay(image_rgb: np.ndarray, mask: np.ndarray, default_mask: Optional[np.ndarray] = None) -> np.ndarray:
+    """The picture of one answer: `mask` tinted and bordered in a colour that stands out from the
+    pixels it covers, `default_mask` (DeRIS's own first choice, when the re-ranker switched away
+    from it) outlined in a second contrasting colour, and a legend naming both in the top-left corner.
+
+    image_rgb: uint8 [H, W, 3] RGB; mask, default_mask: bool [H, W]. Returns uint8 [H, W, 3].
+    """
+    image_rgb = _check_image(image_rgb)
+    mask = _check_mask(mask, image_rgb.shape[:2], "mask")
+    color = contrasting_color(image_rgb[mask])
+    entries = [(color, "chosen" if mask.any() else "chosen (empty)")]
+    outline_color = OUTLINE_COLOR
+    if default_mask is not None:
+        default_mask = _check_mask(default_mask, image_rgb.shape[:2], "default_mask")
+        outline_color = contrasting_color(image_rgb[default_mask], avoid=(color,))
+        entries.append((outline_color, "DeRIS top (outline)"))
+    result = overlay(image_rgb, mask, outline=default_mask, color=color, outline_color=outline_color)
+    _draw_legend(result, entries)
+    return result
+
+
+def contrasting_color(pixels: np.ndarray, avoid: Sequence[Color] = ()) -> Color:
+    """The `PALETTE` colour farthest (RGB distance) from the mean of `pixels` [K, 3] and from every
+    colour in `avoid`; with no pixels, the farthest from `avoid` alone (MASK_COLOR first)."""
+    palette = np.asarray(PALETTE, np.float64)
+    references = [np.asarray(c, np.float64) for c in avoid]
+    if len(pixels):
+        references.append(np.asarray(pixels, np.float64).reshape(-1, 3).mean(axis=0))
+    if not references:
+        return PALETTE[0]
+    distance = np.min([np.linalg.norm(palette - r, axis=1) for r in references], axis=0)
+    return PALETTE[int(np.argmax(distance))]
+
+
+def _draw_legend(canvas: np.ndarray, entries: Sequence[Tuple[Color, str]]) -> None:
+    """Swatch + text lines on a dark box in the top-left corner, in place; left out when the
+    image is too small to hold it without covering most of it."""
+    height, width = canvas.shape[:2]
+    scale = float(np.clip(min(height, width) / 900, 0.35, 0.8))
+    thickness = 1
+    sizes = [cv2.getTextSize(text, _FONT, scale, thickness) for _, text in entries]
+    line_h = max(h + b for (_, h), b in sizes) + 4
+    swatch = line_h - 4
+    box_w = 6 + swatch + 4 + max(w for (w, _), _ in sizes) + 6
+    box_h = 4 + line_h * len(entries) + 2
+    if box_w > 0.75 * width or box_h > 0.4 * height:
+        return
+    cv2.rectangle(canvas, (0, 0), (box_w, box_h), LABEL_BACKING, cv2.FILLED)
+    for row, ((color, text), ((_, text_h), _)) in enumerate(zip(entries, sizes)):
+        top = 4 + row * line_h
+        cv2.rectangle(canvas, (6, top), (6 + swatch, top + swatch), color, cv2.FILLED)
+        cv2.putText(canvas, text, (6 + swatch + 4, top + text_h + 1), _FONT, scale, LABEL_COLOR, thickness, cv2.LINE_AA)
 
 
 def _fit_long_side(height: int, width: int, tile: int) -> Tuple[int, int]:

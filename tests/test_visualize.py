@@ -153,3 +153,35 @@ def test_save_png_unwritable_target_leaves_no_temp_file(tmp_path, image):
 def test_save_png_rejects_other_arrays(tmp_path):
     with pytest.raises(InputError):
         save_png(tmp_path / "x.png", np.zeros((4, 4, 3), np.float32))
+
+
+def test_decision_overlay_picks_a_colour_unlike_the_region_and_adds_a_legend():
+    from deris_rerank.visualize import PALETTE, decision_overlay
+
+    image = np.full((240, 320, 3), 128, np.uint8)
+    image[100:200, 100:220] = (250, 40, 40)  # a red object
+    mask = np.zeros((240, 320), bool)
+    mask[100:200, 100:220] = True
+    picture = decision_overlay(image, mask)
+    border = tuple(int(v) for v in picture[100, 150])
+    assert border in PALETTE and border != (255, 64, 64)  # not red on a red object
+    assert np.array_equal(picture[0:10, 0:3], np.zeros((10, 3, 3), np.uint8))  # the legend's dark box
+    assert np.array_equal(picture[230:, 250:], image[230:, 250:])  # elsewhere untouched
+
+    default = np.zeros((240, 320), bool)
+    default[20:80, 240:300] = True
+    switched = decision_overlay(image, mask, default)
+    outline = tuple(int(v) for v in switched[20, 270])
+    assert outline in PALETTE and outline != border
+    rows_with_legend = np.flatnonzero((switched[:, 1] == 0).all(axis=1))
+    assert rows_with_legend.max() > np.flatnonzero((picture[:, 1] == 0).all(axis=1)).max()  # two legend lines
+
+
+def test_decision_overlay_leaves_out_the_legend_on_tiny_images():
+    from deris_rerank.visualize import decision_overlay
+
+    image = np.full((20, 24, 3), 90, np.uint8)
+    mask = np.zeros((20, 24), bool)
+    mask[5:15, 5:15] = True
+    picture = decision_overlay(image, mask)
+    assert np.array_equal(picture[~mask], image[~mask])

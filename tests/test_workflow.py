@@ -124,3 +124,21 @@ def test_evaluate_writes_report_and_numbers_match_the_cache(caches, tmp_path, ca
     assert cli.main(["evaluate", "--cache", str(caches / "val"), "--out", str(tmp_path / "alone")]) == 0
     alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())["overall"]
     assert alone["delta_full"] == 0 and alone["switch_rate"] == 0
+
+
+def test_extract_refuses_to_mix_shards_of_other_settings_or_data(tiny_model_dir, tmp_path, capsys):
+    assert extract(tiny_model_dir, tmp_path, "train", 4, 1, "--shard-size", "4") == 0
+    shards = sorted((tmp_path / "train").glob("shard_*.safetensors"))
+    before = {p.name: p.read_bytes() for p in shards}
+    for change, needle in ((["--query-source", "cognition"], "query_source perception -> cognition"),
+                           ([], "source.refshapes.seed 1 -> 2")):
+        capsys.readouterr()
+        seed = 2 if not change else 1
+        assert extract(tiny_model_dir, tmp_path, "train", 8, seed, "--shard-size", "4", *change) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deris-rerank: error:")]
+        assert len(errors) == 1 and needle in errors[0] and "--overwrite" in errors[0]
+        assert {p.name: p.read_bytes() for p in sorted((tmp_path / "train").glob("shard_*"))} == before
+    assert extract(tiny_model_dir, tmp_path, "train", 4, 2, "--shard-size", "4", "--overwrite") == 0
+    _, ids, provenance = read_cache([tmp_path / "train"])
+    assert ids == [s.id for s in RefShapes("train", num_images=4, seed=2)]
+    assert len(provenance) == 1 and provenance[0]["source"]["refshapes"]["seed"] == 2

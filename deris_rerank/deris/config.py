@@ -147,12 +147,34 @@ class DerisConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DerisConfig":
-        """Inverse of `to_dict`."""
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "DeRIS config") -> "DerisConfig":
+        """Inverse of `to_dict`. Raises CheckpointError naming `origin` for unknown or missing fields."""
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{origin}: 'config' must be a JSON object")
         data = dict(data)
-        swin = data.pop("swin", {})
-        swin = SwinConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in swin.items()})
-        return cls(swin=swin, beit3=Beit3Config(**data.pop("beit3", {})), **data)
+        swin = _checked_fields(SwinConfig, data.pop("swin", {}), f"{origin} (config.swin)")
+        beit3 = _checked_fields(Beit3Config, data.pop("beit3", {}), f"{origin} (config.beit3)")
+        top = _checked_fields(cls, data, f"{origin} (config)", ignore=("swin", "beit3"))
+        return cls(swin=SwinConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in swin.items()}),
+                   beit3=Beit3Config(**beit3), **top)
+
+
+def _checked_fields(dataclass_type, values: Any, origin: str, ignore: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    """`values` as a dict, after checking that it names only fields of `dataclass_type` and every required one."""
+    if not isinstance(values, Mapping):
+        raise CheckpointError(f"{origin}: expected a JSON object")
+    fields = {f.name: f for f in dataclasses.fields(dataclass_type) if f.name not in ignore}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise CheckpointError(
+            f"{origin} has unknown field(s) {', '.join(map(repr, unknown))}: written by a newer deris-rerank or "
+            f"edited by hand; upgrade deris-rerank or convert the checkpoint again"
+        )
+    missing = [name for name, f in fields.items() if name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise CheckpointError(f"{origin} lacks the field(s) {', '.join(map(repr, missing))}; convert the checkpoint again")
+    return dict(values)
 
 
 _SWIN_B = SwinConfig(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12)

@@ -47,6 +47,12 @@ def shard_ids(path: Path) -> List[str]:
         return json.loads(handle.metadata()["ids"])
 
 
+def shard_provenance(path: Path) -> dict:
+    """The provenance record stored in a shard's metadata (reads only the header; {} if none)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads((handle.metadata() or {}).get("provenance", "{}"))
+
+
 def read_cache(paths: Sequence[Path]) -> Tuple[Dict[str, np.ndarray], List[str], List[dict]]:
     """Concatenate the shards under `paths` (split folders or shard files), in shard order.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,12 +21,14 @@ from tqdm import tqdm
 
 from ..checkpoints import checkpoint_sha256
 from ..data.sample import ReferringSample
-from ..errors import InputError
+from ..errors import InputError, OutputMismatchError
+from ..fileio import file_sha256
 from ..pipeline import CandidateBatch, Pipeline
 from ..preprocess import deris_answer_mask, resize_mask_nearest
 from ..signatures import MASK_STAT_NAMES, split_grid_signature
 from ..version import __version__
-from .cache import shard_ids, shard_path, write_shard
+from ..run_identity import identity_differences
+from .cache import shard_ids, shard_path, shard_provenance, write_shard
 
 IOU_PROTOCOLS = ("384", "original")
 
@@ -84,11 +86,17 @@ def extract_split(
     protocol: str = "384",
     worker: Tuple[int, int] = (0, 1),
     progress: bool = True,
+    source: Optional[dict] = None,
+    overwrite: bool = False,
 ) -> Dict[str, int]:
     """Write the cache of one split under `out_dir/<split>/`. Resumable: complete shards are skipped.
 
     worker (i, K): this process handles the shards k with k % K == i, so K processes (e.g. one
-    per GPU) can share a split. Returns counts of pairs written, skipped and failed.
+    per GPU) can share a split. source: a JSON-able description of where the pairs came from
+    (annotation file and its hash, or RefShapes settings), recorded in the provenance. Shards
+    already in the split must have this run's provenance (model, tokenizer, settings, source),
+    else OutputMismatchError names the differences; overwrite=True removes them first.
+    Returns counts of pairs written, skipped and failed.
     """
     if protocol not in IOU_PROTOCOLS:
         raise InputError(f"IoU protocol must be one of {IOU_PROTOCOLS}, got {protocol!r}")
@@ -102,11 +110,17 @@ def extract_split(
         "checkpoint": str(pipe.deris_path),
         "checkpoint_sha256": checkpoint_sha256(pipe.deris_path),
         "config": pipe.config.to_dict(),
+        "tokenizer_sha256": file_sha256(pipe.tokenizer_path),
+        "dtype": str(pipe.autocast_dtype or "float32").replace("torch.", ""),
         "package_version": __version__,
         "iou_protocol": protocol,
         "query_source": pipe.query_source,
         "batch_semantics": pipe.batch_semantics,
+        "source": source,
     }
+    if overwrite:
+        _remove_split(split_dir)
+    _check_provenance(split_dir, provenance)
     index, count = worker
     shards = [k for k in range(-(-len(samples) // shard_size)) if k % count == index]
     counts = {"written": 0, "skipped": 0, "failed": 0}
@@ -123,6 +137,25 @@ def extract_split(
             counts["written"] += written
             counts["failed"] += failed
     return counts
+
+
+def _check_provenance(split_dir: Path, provenance: dict) -> None:
+    """Stop when a shard already in `split_dir` was made by a run with another provenance."""
+    for path in sorted(split_dir.glob("shard_*.safetensors")):
+        differences = identity_differences(shard_provenance(path), provenance)
+        if differences:
+            shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+            raise OutputMismatchError(
+                f"{split_dir} holds shards made with other settings or data ({path.name}: {shown}); rerun with "
+                f"--overwrite to replace them, or choose another --out"
+            )
+
+
+def _remove_split(split_dir: Path) -> None:
+    """Delete a split's shards and error list (for overwrite); other files are left alone."""
+    for path in split_dir.glob("shard_*.safetensors"):
+        path.unlink()
+    (split_dir / "errors.jsonl").unlink(missing_ok=True)
 
 
 def _complete(path: Path, part: Sequence[ReferringSample], split_dir: Path) -> bool:
