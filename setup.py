@@ -16,6 +16,8 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["deris_rerank", "deris_rerank.*"]),
+    # the embedded default model (DeRIS-tiny + its gate, 15 MB), so Pipeline() works from any install
+    package_data={"deris_rerank": ["embedded/deris-tiny/*"]},
     install_requires=[
         "torch>=2.1",
         "numpy>=1.23",

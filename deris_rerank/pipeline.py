@@ -38,8 +38,9 @@ from .preprocess import (
 from .result import Result
 from .timing import StageTimer
 
-REPO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
-DEFAULT_MODEL = REPO_WEIGHTS / "deris-tiny"  # the embedded default: DeRIS-tiny + its gate, trained on RefShapes
+REPO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"  # in a checkout: the repository's weights/
+# The embedded default, installed with the package: DeRIS-tiny + its gate, trained on RefShapes.
+DEFAULT_MODEL = Path(__file__).resolve().parent / "embedded" / "deris-tiny"
 TOKENIZER_NAMES = ("beit3.spm", "tokenizer.model")
 GATE_NAMES = ("venice_h1.safetensors", "venice_h1.pt", "venice_h1.pth")
 GATE_BESIDE_MODEL = "gate.safetensors"  # a gate stored in a DeRIS folder belongs to that model
@@ -52,9 +53,20 @@ LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": t
 
 
 def weight_folders() -> List[Path]:
-    """Where model files are looked up after explicit paths: $DERIS_RERANK_WEIGHTS, then weights/."""
+    """Where model files are looked up after explicit paths: $DERIS_RERANK_WEIGHTS, then the
+    repository's weights/ (when running from a checkout), then weights/ in the current folder."""
     env = os.environ.get("DERIS_RERANK_WEIGHTS")
-    return ([Path(env).expanduser()] if env else []) + [REPO_WEIGHTS]
+    folders = ([Path(env).expanduser()] if env else []) + [REPO_WEIGHTS, Path.cwd() / "weights"]
+    unique = []
+    for folder in folders:
+        if folder.is_dir() and all(folder.resolve() != other.resolve() for other in unique):
+            unique.append(folder)
+    return unique
+
+
+def _weight_folders_text() -> str:
+    folders = weight_folders()
+    return ", ".join(map(str, folders)) if folders else "any weights folder ($DERIS_RERANK_WEIGHTS is not set, no weights/ here)"
 
 
 def _find_in_weights(names: Sequence[str]) -> Optional[Path]:
@@ -76,7 +88,7 @@ def _resolve_deris(deris: Union[str, os.PathLike]) -> Path:
         found = _find_in_weights([name, f"{upstream}.pth", f"{name}.pth"])
         if found is not None:
             return found
-        where = ", ".join(str(f) for f in weight_folders())
+        where = _weight_folders_text()
         raise CheckpointError(
             f"no weights for preset {name} in {where}: put the official {upstream}.pth there "
             f"(or convert it with `deris-rerank convert`), or pass its path"
@@ -141,7 +153,7 @@ class Pipeline:
     """Referring segmentation with DeRIS, re-ranked by the Venice-H1 gate.
 
     deris: an official `.pth`, a converted folder, or a preset name found in the weights
-    folders; None: the embedded default (`weights/deris-tiny`, trained on RefShapes).
+    folders; None: the embedded default (`deris_rerank/embedded/deris-tiny`, trained on RefShapes).
     tokenizer: BEiT-3's sentencepiece model (default: `beit3.spm` or `tokenizer.model` next to
     the DeRIS weights, or in the weights folders). gate: a Venice-H1 checkpoint; None looks for
     `gate.safetensors` beside the DeRIS weights, then `venice_h1.*` in the weights folders, and
@@ -206,7 +218,7 @@ class Pipeline:
             path = beside if beside.is_file() else _find_in_weights(GATE_NAMES)
         if path is None:
             if gate is True:
-                raise CheckpointError(f"no Venice-H1 gate found in {', '.join(map(str, weight_folders()))}")
+                raise CheckpointError(f"no Venice-H1 gate found in {_weight_folders_text()}: pass gate=PATH")
             warnings.warn("no Venice-H1 gate found: results are DeRIS's own first choice (pass gate=PATH)", stacklevel=3)
             return None
         self.gate_path = path

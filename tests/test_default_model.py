@@ -1,4 +1,4 @@
-"""The embedded default (weights/deris-tiny): real accuracy end to end, and the README's demo command.
+"""The embedded default (deris_rerank/embedded/deris-tiny): real accuracy end to end, and the README's demo command.
 
 The floors sit a few points below the numbers measured on held-out RefShapes pairs (README), so a
 regression anywhere in the chain (preprocessing, model, signatures, gate, post-processing) fails.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the embedded default, weights/deris-tiny/, from scratch: DeRIS-tiny trained on RefShapes,
+# Rebuild the embedded default, deris_rerank/embedded/deris-tiny/, from scratch: DeRIS-tiny trained on RefShapes,
 # then its Venice-H1 gate trained on features extracted from separate RefShapes splits, with the
 # same commands a user runs for the official weights, and the bundled demo example.
 # Usage: bash weights/build_default.sh [RUN_DIR]   (about 1 h 15 min on 2 CPU cores; DEVICE=cuda to use a GPU)
@@ -27,8 +27,8 @@ deris-rerank train-gate --train "$RUN/cache/gate-train" --tune "$RUN/cache/gate-
     --hidden-dim 128 --n-layers 2 --n-heads 4 --epochs 30 --batch-size 256 --seed 42 --device "$DEVICE"
 deris-rerank evaluate --cache "$RUN/cache/test" --gate "$RUN/model/gate.safetensors" --out "$RUN/report"
 
-mkdir -p weights/deris-tiny
-cp "$RUN/model/"{model.safetensors,config.json,tokenizer.model,gate.safetensors,gate.json} weights/deris-tiny/
+mkdir -p deris_rerank/embedded/deris-tiny
+cp "$RUN/model/"{model.safetensors,config.json,tokenizer.model,gate.safetensors,gate.json} deris_rerank/embedded/deris-tiny/
 
 # The bundled example (demo/assets): scene DEMO_SCENE of the RefShapes split "demo" (seed 7, never
 # used for training or evaluation) and its expression DEMO_EXPRESSION; the README's demo command

@@ -1,0 +1,69 @@
+"""A built wheel carries the embedded default, and `Pipeline()` works from a non-editable install.
+
+Builds the wheel from this checkout (no build isolation, no downloads), installs it into a new
+virtual environment that sees this interpreter's packages (torch and the other dependencies) but
+not this checkout, and runs the demo's Python API from a folder outside the repository.
+"""
+import subprocess
+import sys
+import textwrap
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EMBEDDED = ("config.json", "model.safetensors", "tokenizer.model", "gate.safetensors", "gate.json")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(REPO)],
+        capture_output=True, text=True,
+    )
+    if build.returncode != 0:
+        pytest.fail(f"building the wheel failed:\n{build.stderr[-2000:]}")
+    (wheel,) = out.glob("deris_rerank-*.whl")
+    return wheel
+
+
+def test_wheel_contains_the_embedded_default(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in EMBEDDED:
+        assert f"deris_rerank/embedded/deris-tiny/{name}" in names
+    assert not any(name.startswith(("tests/", "weights/", "bench/")) for name in names)
+
+
+def test_pipeline_default_works_from_a_non_editable_install(wheel, tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--ignore-installed",
+         "-q", str(wheel)],
+        capture_output=True, text=True,
+    )
+    assert install.returncode == 0, install.stderr[-2000:]
+    script = textwrap.dedent(f"""
+        import warnings
+        import numpy as np
+        import deris_rerank
+        from deris_rerank import Pipeline
+        warnings.simplefilter("ignore")
+        assert deris_rerank.__file__.startswith({str(env_dir)!r}), deris_rerank.__file__
+        image = np.load({str(REPO / "demo" / "assets" / "shapes_target.npy")!r})
+        from PIL import Image
+        rgb = np.asarray(Image.open({str(REPO / "demo" / "assets" / "shapes.png")!r}).convert("RGB"))
+        result = Pipeline(device="cpu")(rgb, "the biggest cross")
+        overlap = np.logical_and(result.mask, image).sum() / np.logical_or(result.mask, image).sum()
+        print(deris_rerank.__file__, round(float(overlap), 3))
+        assert overlap > 0.8
+    """)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    run = subprocess.run([str(python), "-c", script], capture_output=True, text=True, cwd=outside)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert str(env_dir) in run.stdout
