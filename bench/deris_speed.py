@@ -26,7 +26,9 @@ import torch
 
 from deris_rerank.deris.config import DerisConfig
 from deris_rerank.deris.model import DerisModel
-from deris_rerank.preprocess import deris_answer_mask, load_image, prepare_images, resize_mask_nearest
+from deris_rerank.candidates import deris_answer_mask
+from deris_rerank.images import load_image
+from deris_rerank.transforms import prepare_images, resize_mask_nearest
 from deris_rerank.timing import StageTimer
 
 STAGES = ("preprocess", "swin", "pixel_decoder", "beit3", "decoder", "aligner", "upsample", "postprocess")

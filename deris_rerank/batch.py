@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .errors import DerisRerankError, InputError, OutputError, OutputMismatchError
 from .fileio import atomic_write
 from .pipeline import Pipeline
-from .preprocess import shorten_text
+from .tokenizer import shorten_text
 from .rle import encode_mask
 from .run_identity import identity_differences, pipeline_identity
 from .visualize import save_png

@@ -11,6 +11,8 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from .deris.answer import working_precision
+from .errors import InputError
 from .signatures import grid_signatures, mask_statistics
 
 QUERY_SOURCES = ("perception", "cognition")
@@ -51,6 +53,10 @@ class Candidates:
         """[B, N] slots sorted by descending score (ties keep slot order)."""
         return self.scores.argsort(dim=-1, descending=True, stable=True)
 
+    def answer_mask(self, score_threshold: float, mask_threshold: float = 0.5) -> Tensor:
+        """bool [B, S, S]: DeRIS's own answer (see `deris_answer_mask`)."""
+        return deris_answer_mask(self.mask_logits, self.scores, score_threshold, mask_threshold)
+
     def gate_features(self) -> Tuple[Tensor, Tensor]:
         """(mask statistics [B, N, 4], grid signatures [B, N, 675]), computed in float32 or float64."""
         return mask_statistics(self.mask_logits), grid_signatures(self.mask_logits)
@@ -60,3 +66,24 @@ class Candidates:
         logits = self.mask_logits if self.mask_logits.dtype == torch.float64 else self.mask_logits.float()
         return logits.sigmoid() >= threshold
 
+
+def deris_answer_mask(
+    mask_logits_384: torch.Tensor, scores: torch.Tensor, score_threshold: float, mask_threshold: float = 0.5
+) -> torch.Tensor:
+    """DeRIS's final mask: union over candidates with score > score_threshold of sigmoid(logits) >= mask_threshold.
+
+    mask_logits_384: [..., N, S, S] mask logits (upstream's 384 px `pred_masks`);
+    scores: [..., N] referring scores. Returns bool [..., S, S]; all False where no
+    candidate's score is strictly above the threshold.
+    """
+    if not torch.is_tensor(mask_logits_384) or not mask_logits_384.is_floating_point() or mask_logits_384.dim() < 3:
+        raise InputError("mask_logits_384: expected a floating-point tensor of shape [..., N, S, S]")
+    if not torch.is_tensor(scores) or scores.shape != mask_logits_384.shape[:-2]:
+        got = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
+        raise InputError(
+            f"scores: expected shape {tuple(mask_logits_384.shape[:-2])} to match mask_logits_384 "
+            f"{tuple(mask_logits_384.shape)}, got {got}"
+        )
+    foreground = working_precision(mask_logits_384).sigmoid() >= mask_threshold
+    selected = (scores > score_threshold)[..., None, None]
+    return (foreground & selected).any(dim=-3)

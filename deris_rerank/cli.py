@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import DerisRerankError
-from .preprocess import shorten_text
+from .tokenizer import shorten_text
 from .version import __version__
 from .training.pretrain_perception import PerceptionPretrainSettings
 from .training.train_deris import DerisTrainSettings

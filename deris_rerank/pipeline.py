@@ -26,15 +26,9 @@ from .deris.loopback import BATCH_SEMANTICS
 from .deris.model import DerisModel
 from .errors import CheckpointError, DerisRerankError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
 from .gate import VeniceGate, load_gate
-from .preprocess import (
-    Beit3Tokenizer,
-    TextNotes,
-    deris_answer_mask,
-    load_image,
-    prepare_images,
-    resize_mask_nearest,
-    shorten_text,
-)
+from .images import load_image
+from .tokenizer import Beit3Tokenizer, TextNotes, shorten_text
+from .transforms import prepare_images, resize_mask_nearest
 from .result import Result
 from .timing import StageTimer
 
@@ -379,7 +373,7 @@ class Pipeline:
                     selected, p_fail = candidates.default_index, [None] * count
             with timer("postprocess"):
                 binary = candidates.binary_masks(self.config.mask_threshold).cpu()
-                answers = deris_answer_mask(outputs["mask_logits"], outputs["scores"], self.config.score_threshold).cpu()
+                answers = candidates.answer_mask(self.config.score_threshold).cpu()
                 order = candidates.order.cpu()
                 scores = candidates.scores.float().cpu()
                 selected, default = selected.cpu(), candidates.default_index.cpu()

@@ -35,7 +35,7 @@ def photo(tmp_path_factory):
 def run_by_hand(pipe, image_path, text):
     """The stages, called one by one: what the pipeline must reproduce."""
     rgb = load_image(image_path)
-    hi, lo = prepare_images(rgb)
+    hi, lo = prepare_images(rgb, 384, 224)
     tokens, padding = pipe.tokenizer.encode(text, pipe.config.max_tokens)
     with torch.inference_mode():
         out = pipe.model(hi[None], lo[None], tokens[None], padding[None])

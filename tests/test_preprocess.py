@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import deris_rerank.preprocess as preprocess
+import deris_rerank.images as images
 from deris_rerank.errors import CheckpointError, InputError
 from deris_rerank.preprocess import (
     BOS_ID,
@@ -96,7 +97,7 @@ def gradient_image(height, width):
 
 def test_prepare_images_bit_exact_on_fixture(fixture_inputs):
     for b in range(2):
-        img, img_mini = prepare_images(raw_rgb(fixture_inputs, b))
+        img, img_mini = prepare_images(raw_rgb(fixture_inputs, b), 384, 224)
         assert img.dtype == img_mini.dtype == torch.float32
         assert img.shape == (3, 384, 384) and img_mini.shape == (3, 224, 224)
         assert img.is_contiguous() and img_mini.is_contiguous()
@@ -113,13 +114,13 @@ def test_image_sources_give_identical_tensors(fixture_inputs, tmp_path):
     for loaded in (from_path, from_str, from_pil, from_array):
         assert loaded.dtype == np.uint8 and loaded.flags["C_CONTIGUOUS"]
         assert np.array_equal(loaded, rgb)
-    reference = prepare_images(rgb)
+    reference = prepare_images(rgb, 384, 224)
     for loaded in (from_path, from_pil, from_array):
-        img, img_mini = prepare_images(loaded)
+        img, img_mini = prepare_images(loaded, 384, 224)
         assert torch.equal(img, reference[0]) and torch.equal(img_mini, reference[1])
     assert torch.equal(reference[0], fixture_inputs["img"][1])
     non_contiguous = np.ascontiguousarray(fixture_inputs["raw_image_bgr.b1"].numpy())[..., ::-1]
-    assert torch.equal(prepare_images(non_contiguous)[0], reference[0])
+    assert torch.equal(prepare_images(non_contiguous, 384, 224)[0], reference[0])
 
 
 def test_exif_orientation_applied_from_path_and_pil(tmp_path):
@@ -151,7 +152,7 @@ def test_load_image_rejects_bad_inputs(tmp_path):
         with pytest.raises(InputError, match=r"uint8 NumPy array of shape \(H, W, 3\)"):
             load_image(array)
         with pytest.raises(InputError, match=r"\(H, W, 3\)"):
-            prepare_images(array)
+            prepare_images(array, 384, 224)
     with pytest.raises(InputError, match="channels first"):
         load_image(np.zeros((3, 8, 10), np.uint8))
     missing = tmp_path / "no_such_image.jpg"
@@ -173,7 +174,7 @@ def test_load_image_rejects_bad_inputs(tmp_path):
         with pytest.raises(InputError, match="expected a file path, a PIL.Image or a uint8 NumPy array"):
             load_image(other)
     with pytest.raises(InputError, match="image_size"):
-        prepare_images(good, image_size=0)
+        prepare_images(good, image_size=0, image_size_lo=224)
 
 
 # ---------------------------------------------------------------- text
@@ -492,9 +493,9 @@ def test_decompression_bomb_limit_refuses_before_decoding(tmp_path, monkeypatch)
     rgb = random_array((10, 20, 3), seed=11)
     path = tmp_path / "big.png"
     Image.fromarray(rgb).save(path)
-    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 200)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 200)
     assert np.array_equal(load_image(path), rgb)  # 200 pixels: at the limit, allowed
-    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 199)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 199)
 
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded an image above the limit")
@@ -502,7 +503,7 @@ def test_decompression_bomb_limit_refuses_before_decoding(tmp_path, monkeypatch)
     monkeypatch.setattr(cv2, "imdecode", must_not_decode)
     raises_one_line(path, "big.png", "20x10", "200 pixels", "199 pixels", "downscale")
     assert np.array_equal(load_image(rgb), rgb)  # arrays are already in memory: no limit
-    monkeypatch.setattr(preprocess, "MAX_IMAGE_PIXELS", 10**9)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10**9)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow's own error (above 100) while reading the header
     raises_one_line(path, "big.png", "too large", "downscale")
 

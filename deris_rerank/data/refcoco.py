@@ -60,7 +60,7 @@ import numpy as np
 
 from ..errors import InputError, OutputError
 from ..fileio import atomic_write
-from ..preprocess import load_image
+from ..images import load_image
 from ..rle import decode_mask, encode_mask
 from .sample import ReferringSample
 

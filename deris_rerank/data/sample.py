@@ -7,7 +7,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from ..preprocess import load_image
+from ..images import load_image
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Dict, List, NamedTuple, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..preprocess import refer_scores
+from .answer import refer_scores
 from ..timing import StageTimer, stage
 from .beit3 import Beit3Encoder
 from .cognition import CognitionBranch
@@ -84,7 +84,7 @@ class DerisModel(nn.Module):
     ) -> Dict[str, Tensor]:
         """Run DeRIS on B image-text pairs.
 
-        image_hi [B, 3, S, S] and image_lo [B, 3, s, s]: normalised RGB (see `preprocess`);
+        image_hi [B, 3, S, S] and image_lo [B, 3, s, s]: normalised RGB (see `transforms.prepare_images`);
         `image_hi` may be None when `image_features` (from `encode_image`) is given.
         tokens int64 [B, T]; padding_mask [B, T], 1/True = padding.
         batch_semantics: "per_sample" (default; a result never depends on its batch) or

@@ -26,7 +26,7 @@ from ..data.refshapes import RefShapes
 from ..deris.config import DerisConfig
 from ..deris.swin import SwinBackbone
 from ..fileio import atomic_write
-from ..preprocess import prepare_images
+from ..transforms import prepare_images
 from .attributes import ATTRIBUTE_VOCABULARIES, AttributeHead, attribute_cross_entropy, attribute_labels
 
 

@@ -30,7 +30,8 @@ from ..deris.config import DerisConfig
 from ..deris.model import DerisModel
 from ..errors import CheckpointError
 from ..fileio import atomic_write, read_safetensors, read_torch_file
-from ..preprocess import Beit3Tokenizer, prepare_images
+from ..tokenizer import Beit3Tokenizer
+from ..transforms import prepare_images
 from .attributes import AttributeHeads, attribute_labels, pooled_attribute_loss
 from .losses import LossWeights, PairTargets, deris_loss
 

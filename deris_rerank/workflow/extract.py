@@ -24,7 +24,7 @@ from ..data.sample import ReferringSample
 from ..errors import InputError, OutputMismatchError
 from ..fileio import file_sha256
 from ..pipeline import CandidateBatch, Pipeline
-from ..preprocess import deris_answer_mask, resize_mask_nearest
+from ..transforms import resize_mask_nearest
 from ..signatures import MASK_STAT_NAMES, split_grid_signature
 from ..version import __version__
 from ..run_identity import identity_differences
@@ -49,7 +49,7 @@ def pair_features(batch: CandidateBatch, targets: List[np.ndarray], config, prot
     candidates = batch.candidates
     stats, grids = candidates.gate_features()
     binary = candidates.binary_masks(config.mask_threshold).cpu()
-    answer = deris_answer_mask(batch.outputs["mask_logits"], batch.outputs["scores"], config.score_threshold).cpu()
+    answer = candidates.answer_mask(config.score_threshold).cpu()
     overlaps = []
     for b, target in enumerate(targets):
         target = torch.from_numpy(target)
