@@ -1,4 +1,5 @@
-"""Shared fixtures: where the upstream reference material lives, and loaders for it."""
+"""Shared fixtures: where the upstream reference material lives, and loaders for it; and the
+test-sized model on disk (seeded random weights, no reference needed) behind the user-facing tests."""
 from __future__ import annotations
 
 import json
