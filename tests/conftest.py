@@ -1,4 +1,5 @@
-"""Shared fixtures: where the upstream reference material lives, and loaders for it."""
+"""Shared fixtures: where the upstream reference material lives, and loaders for it; and the
+test-sized model on disk (seeded random weights, no reference needed) behind the user-facing tests."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deris_rerank.deris.config import DerisConfig
+from deris_rerank.deris.config import Beit3Config, DerisConfig, SwinConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("DERIS_RERANK_REFERENCE", REPO_ROOT.parent / "shared" / "reference"))
@@ -130,19 +131,46 @@ def train_toy_tokenizer(path: Path) -> Path:
     return path
 
 
+# The test-sized DeRIS behind the pipeline, CLI, batch and workflow tests: the parity fixture's
+# sizes (Swin width 16, BEiT-3 width 64 x 2 layers, C = 64, 10 queries, 384 / 224 inputs) with
+# random weights from a fixed seed, so these tests need no reference folder. Its answer threshold
+# is 0.7, not upstream's 0.9: the random model's scores lie between about 0.5 and 0.77, and at
+# 0.9 DeRIS's own answer (the union of candidates above it) would always be empty.
+TINY_CONFIG = DerisConfig(
+    "test-tiny",
+    SwinConfig(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=12),
+    Beit3Config(embed_dim=64, num_heads=4, ffn_dim=256, num_layers=2, vocab_size=1000),
+    hidden_dim=64,
+    pixel_decoder_layers=2,
+    decoder_ffn=256,
+    score_threshold=0.7,
+)
+TINY_SEED = 0
+
+
+def build_tiny_model(seed: int = TINY_SEED):
+    """TINY_CONFIG's DerisModel (float32, eval) initialised from `seed`; the same weights on every call."""
+    from deris_rerank.deris.model import DerisModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return DerisModel(TINY_CONFIG).eval()
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, parity_config, parity_state):
-    """A test-sized setup on disk: the parity fixture's DeRIS (float32) converted to our folder
-    format with a toy `beit3.spm` inside, and a small random released-style gate for it
-    (`gate.safetensors` + `gate.json`, query dim 64)."""
-    from deris_rerank.checkpoints import load_deris, save_deris
+def tiny_model_dir(tmp_path_factory):
+    """A test-sized setup on disk, needing nothing outside the repository: TINY_CONFIG's DeRIS
+    with seeded random weights (float32) in our folder format with a toy `beit3.spm` inside, and a
+    small random released-style gate for it (`gate.safetensors` + `gate.json`, query dim 64)."""
+    from deris_rerank.checkpoints import save_deris
     from deris_rerank.gate import RELEASED, DecisionRule, GateConfig, ReleasedGate, save_gate
 
     root = tmp_path_factory.mktemp("tiny_model")
-    save_deris(load_deris(parity_state, parity_config, dtype=torch.float32), root / "deris")
+    save_deris(build_tiny_model(), root / "deris")
     train_toy_tokenizer(root / "deris" / "beit3.spm")
-    torch.manual_seed(0)
-    gate = ReleasedGate(GateConfig(RELEASED, query_dim=parity_config.hidden_dim, hidden_dim=32, n_layers=1, n_heads=4),
-                        DecisionRule(tau=0.3, margin_pred=0.0))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        gate = ReleasedGate(GateConfig(RELEASED, query_dim=TINY_CONFIG.hidden_dim, hidden_dim=32, n_layers=1, n_heads=4),
+                            DecisionRule(tau=0.3, margin_pred=0.0))
     save_gate(gate.eval(), root / "gate")
     return root

@@ -1,10 +1,11 @@
-"""`deris-rerank segment` / demo/segment.py and `deris-rerank batch` on a test-sized model."""
+"""`deris-rerank segment` / demo/segment.py and `deris-rerank batch` on a test-sized model.
+
+Each test writes what it needs (images, manifests, outputs) under its own tmp_path.
+"""
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -17,9 +18,11 @@ from deris_rerank.rle import decode_mask
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
+@pytest.fixture
+def images(tmp_path):
+    """This test's own folder of three small images, img0.png (120x160), img1.png (90x90), img2.png (150x100)."""
+    root = tmp_path / "images"
+    root.mkdir()
     rng = np.random.default_rng(5)
     for k, (h, w) in enumerate([(120, 160), (90, 90), (150, 100)]):
         cv2.imwrite(str(root / f"img{k}.png"), cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (7, 7), 2))
@@ -99,15 +102,24 @@ def test_batch_manifest_records_bad_items_and_goes_on(tiny_model_dir, images, tm
 def test_batch_folder_with_texts_file_and_csv(tiny_model_dir, images, tmp_path, capsys):
     texts = tmp_path / "texts.txt"
     texts.write_text("man on the left\n\nthe red car\n")
-    code = cli.main(["batch", "--images", str(images), "--texts-file", str(texts), "--out", str(tmp_path / "a"),
-                     "--quiet", "--batch-size", "4", *model_args(tiny_model_dir)])
-    summary = json.loads(capsys.readouterr().out)
-    # broken.jpg (left by the previous test or not) fails; the 3 good images x 2 texts succeed
-    assert summary["succeeded"] == 6 and code == (1 if summary["failed"] else 0)
+
+    def folder_batch(out):
+        code = cli.main(["batch", "--images", str(images), "--texts-file", str(texts), "--out", str(tmp_path / out),
+                         "--quiet", "--batch-size", "4", *model_args(tiny_model_dir)])
+        return code, json.loads(capsys.readouterr().out)
+
+    code, summary = folder_batch("a")  # 3 good images x 2 texts (the blank line is no text)
+    assert code == 0 and (summary["total"], summary["succeeded"], summary["failed"]) == (6, 6, 0)
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    code, summary = folder_batch("b")  # the same and a broken image: its 2 pairs fail, the exit code says so
+    assert code == 1 and (summary["total"], summary["succeeded"], summary["failed"]) == (8, 6, 2)
+    errors = [json.loads(line) for line in (tmp_path / "b" / "errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 2 and all("broken.jpg" in e["error"] for e in errors)
+
     csv_manifest = images / "pairs.csv"
     csv_manifest.write_text("image,text\nimg0.png,man on the left\nimg1.png,\"the red car, small\"\n")
-    assert cli.main(["batch", "--manifest", str(csv_manifest), "--out", str(tmp_path / "b"), "--quiet", *model_args(tiny_model_dir)]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "b" / "results.jsonl").read_text().splitlines()]
+    assert cli.main(["batch", "--manifest", str(csv_manifest), "--out", str(tmp_path / "c"), "--quiet", *model_args(tiny_model_dir)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "c" / "results.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == ["man on the left", "the red car, small"]
 
 
@@ -119,27 +131,54 @@ def comparable(folder):
     return rows, masks, (folder / "errors.jsonl").read_text()
 
 
-def test_batch_killed_part_way_resumes_to_the_same_files(tiny_model_dir, images, tmp_path):
+# Runs `deris-rerank batch` (argv[2:]) and kills itself with SIGKILL once run_batch has taken
+# argv[1] outcomes from the pipeline, i.e. when exactly that many pairs are written and the next
+# is about to be: a kill part-way at a known point, however fast the machine. Test-only: it wraps
+# Pipeline.iter_batch in this process alone.
+KILL_AFTER = """
+import os, signal, sys
+from deris_rerank import cli
+from deris_rerank.pipeline import Pipeline
+
+after = int(sys.argv[1])
+original = Pipeline.iter_batch
+
+def iter_batch(self, *args, **kwargs):
+    for n, outcome in enumerate(original(self, *args, **kwargs)):
+        if n == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield outcome
+
+Pipeline.iter_batch = iter_batch
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_batch_killed_part_way_resumes_to_the_same_files(tiny_model_dir, images, tmp_path, capsys):
     rows = [{"image": f"img{k % 3}.png", "text": t, "id": f"p{k}"} for k, t in
             enumerate(["man on the left", "the red car", "top right square", "the biggest circle"] * 4)]
     manifest = write_manifest(tmp_path / "pairs.jsonl", [dict(r, image=str(images / r["image"])) for r in rows])
-    command = [sys.executable, "-m", "deris_rerank", "batch", "--manifest", str(manifest), "--quiet",
-               "--batch-size", "1", *model_args(tiny_model_dir)]
-    assert subprocess.run(command + ["--out", str(tmp_path / "full")], capture_output=True).returncode == 0
+    # batch size 1: float32 results are bit-identical only for the same batch composition (with
+    # several threads, a matmul's summation order depends on its shape), and the resumed run
+    # batches the remaining pairs differently
+    arguments = ["batch", "--manifest", str(manifest), "--quiet", "--batch-size", "1", *model_args(tiny_model_dir)]
+    assert cli.main(arguments + ["--out", str(tmp_path / "full")]) == 0
+    capsys.readouterr()
 
-    partial = tmp_path / "partial"
-    process = subprocess.Popen(command + ["--out", str(partial)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    results = partial / "results.jsonl"
-    while time.time() < deadline and (not results.exists() or results.read_text().count("\n") < 3):
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    finished_before_kill = results.read_text().count("\n")
-    assert 3 <= finished_before_kill < 16, "the run must be killed part-way"
+    partial, written = tmp_path / "partial", 5  # killed part-way, after 5 of 16 pairs
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER, str(written), *arguments, "--out", str(partial)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    finished = [json.loads(line) for line in (partial / "results.jsonl").read_text().splitlines()]
+    assert len(finished) == written and len({r["id"] for r in finished}) == written
+    assert sorted(p.name for p in (partial / "masks").iterdir()) == sorted(f"{r['id']}.png" for r in finished)
+    assert not (partial / "summary.json").exists()
+    with open(partial / "results.jsonl", "a") as handle:  # as if a kill had torn the last line
+        handle.write('{"id": "p15", "image": ')
 
-    rerun = subprocess.run(command + ["--out", str(partial)], capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
-    assert json.loads(rerun.stdout)["skipped_already_done"] >= finished_before_kill
-    assert comparable(partial) == comparable(tmp_path / "full")
+    assert cli.main(arguments + ["--out", str(partial)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped_already_done"] == written and summary["processed_this_run"] == len(rows) - written
+    assert comparable(partial) == comparable(tmp_path / "full")  # nothing lost, duplicated or out of order
+    assert len(comparable(partial)[0]) == len(rows) and len(comparable(partial)[1]) == len(rows)
     assert not [p for p in partial.rglob("*") if p.name.endswith(".tmp")]

@@ -52,6 +52,7 @@ def test_single_pair_equals_the_stages_run_by_hand(pipe, photo):
     out, decision, mask, answer = run_by_hand(pipe, photo[0], "man on the left")
     assert result.mask.shape == (200, 300) and result.mask.dtype == bool
     assert np.array_equal(result.mask, mask) and np.array_equal(result.deris_mask, answer)
+    assert result.deris_mask.any()  # DeRIS's own answer is not empty: the comparison above shows something
     assert result.selected_slot == int(decision.selected[0]) and result.default_index == int(decision.default_index[0])
     assert result.switched == bool(decision.switched[0])
     assert result.p_fail == pytest.approx(float(decision.p_fail[0]))
