@@ -4,6 +4,7 @@ Builds the wheel from this checkout (no build isolation, no downloads), installs
 virtual environment that sees this interpreter's packages (torch and the other dependencies) but
 not this checkout, and runs the demo's Python API from a folder outside the repository.
 """
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,14 @@ EMBEDDED = ("config.json", "model.safetensors", "tokenizer.model", "gate.safeten
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+    """The wheel, built from a copy of the packaging files (building writes build/ and *.egg-info
+    into its source folder, which must not be this checkout)."""
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("setup.py", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "deris_rerank", source / "deris_rerank", ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(out), str(source)],
         capture_output=True, text=True,
     )
     if build.returncode != 0:

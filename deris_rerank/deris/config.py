@@ -93,55 +93,6 @@ class DerisConfig:
             raise CheckpointError(f"unknown DeRIS preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
         return by_name[name.lower()]
 
-    @classmethod
-    def from_fixture(cls, fixture_config: Mapping[str, Any]) -> "DerisConfig":
-        """The downsized configuration of a parity fixture's `config.json`.
-
-        Reads `model_config_passed_to_build_model` and `shrink_choices`.
-        """
-        model = fixture_config["model_config_passed_to_build_model"]
-        shrink = fixture_config["shrink_choices"]
-        swin = next(v for k, v in shrink.items() if k.startswith("swin_builder_replacement"))
-        beit = shrink["beit3_EncoderConfig_effective"]
-        hidden = next(v for k, v in shrink.items() if k.startswith("hidden_dim"))
-        decoder_ffn = next(v for k, v in shrink.items() if k.startswith("decoder_dim_feedforward"))
-        pixel_ffn = next(v for k, v in shrink.items() if k.startswith("pixel_decoder_dim_feedforward"))
-        aligner = next(v for k, v in shrink.items() if k.startswith("MultiGrainAligner"))
-        return cls(
-            name=f"fixture-{fixture_config.get('fixture', '?')}",
-            swin=SwinConfig(
-                embed_dim=swin["embed_dim"],
-                depths=tuple(swin["depths"]),
-                num_heads=tuple(swin["num_heads"]),
-                window_size=swin["window_size"],
-                mlp_ratio=swin["mlp_ratio"],
-                patch_size=swin["patch_size"],
-            ),
-            beit3=Beit3Config(
-                embed_dim=beit["encoder_embed_dim"],
-                num_heads=beit["encoder_attention_heads"],
-                ffn_dim=beit["encoder_ffn_embed_dim"],
-                num_layers=beit["encoder_layers"],
-                vocab_size=beit["vocab_size"],
-                img_size=beit["img_size"],
-                patch_size=beit["patch_size"],
-                max_text_positions=beit["max_source_positions"],
-                layernorm_eps=beit["layernorm_eps"],
-            ),
-            hidden_dim=hidden,
-            num_queries=shrink["num_queries"],
-            max_tokens=shrink["max_token"],
-            image_size=shrink["img_size"],
-            score_threshold=model["post_params"]["score_threshold"],
-            mask_threshold=model["post_params"]["mask_threshold"],
-            pixel_decoder_layers=shrink["pixel_decoder_transformer_enc_layers"],
-            pixel_decoder_ffn=pixel_ffn,
-            decoder_layers=shrink["dec_layers"],
-            decoder_ffn=decoder_ffn,
-            aligner_layers=aligner["layers"],
-            aligner_ffn=aligner["ffn"],
-        )
-
     def to_dict(self) -> Dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
         return dataclasses.asdict(self)

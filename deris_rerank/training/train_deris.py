@@ -88,11 +88,13 @@ class RefShapesStream(IterableDataset):
         masks = torch.from_numpy(np.array(scene.masks, dtype=np.float32))[:, None]
         instances = (F.interpolate(masks, size=(size, size), mode="area")[:, 0] >= 0.5).float()
         attributes = attribute_labels(scene.objects)
+        expressions = scene.expressions[:max_texts]
+        tokens, padding = tokenizer.encode_batch([e.text for e in expressions], self.config.max_tokens)
         texts = []
-        for expression in scene.expressions[:max_texts]:
+        for k, expression in enumerate(expressions):
             referred = torch.zeros(len(scene.objects), dtype=torch.bool)
             referred[list(expression.targets)] = True
-            texts.append((*tokenizer.encode(expression.text, self.config.max_tokens), referred))
+            texts.append((tokens[k], padding[k], referred))
         return image_hi, image_lo, instances, attributes, texts
 
 
