@@ -16,7 +16,7 @@ from safetensors.torch import save_file as save_safetensors
 from .deris.config import PRESETS, DerisConfig
 from .deris.model import DerisModel
 from .errors import CheckpointError, OutputError
-from .fileio import atomic_write, file_sha256, read_json, read_safetensors, read_torch_file
+from .fileio import atomic_write, check_format, file_sha256, read_json, read_safetensors, read_torch_file
 
 
 def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], limit: int = 12) -> str:
@@ -112,6 +112,7 @@ def detect_deris_preset(state: Mapping[str, torch.Tensor]) -> str:
         f"no DeRIS preset has BEiT-3 width {width}, {queries} queries and Swin width {swin_dim}; pass config= explicitly"
     )
 DERIS_FORMAT_NAME = "deris-rerank-deris"
+DERIS_FORMAT_VERSION = 1  # of config.json; raise it when a change needs a newer reader
 
 
 def _resolve_config(config: Any) -> Any:
@@ -130,8 +131,7 @@ def _read_deris_source(source: Any, config: Any) -> Tuple[Dict[str, torch.Tensor
             weights = path / DERIS_WEIGHTS_FILE if path.is_dir() else path
             state = read_safetensors(weights, "DeRIS weights")
             sidecar = read_json(folder / DERIS_CONFIG_FILE, "DeRIS config")
-            if sidecar.get("format") != DERIS_FORMAT_NAME:
-                raise CheckpointError(f"{folder / DERIS_CONFIG_FILE} is not a {DERIS_FORMAT_NAME} config (no matching 'format')")
+            check_format(sidecar, DERIS_FORMAT_NAME, DERIS_FORMAT_VERSION, folder / DERIS_CONFIG_FILE)
             stored_config = DerisConfig.from_dict(sidecar.get("config", {}), origin=str(folder / DERIS_CONFIG_FILE))
         else:
             state = unwrap_upstream_checkpoint(read_torch_file(path, "DeRIS checkpoint"), origin)
@@ -211,7 +211,7 @@ def save_deris(model: torch.nn.Module, folder: str | Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         weights = atomic_write(folder / DERIS_WEIGHTS_FILE, lambda tmp: save_safetensors(state, tmp, metadata={"format": DERIS_FORMAT_NAME}))
-        sidecar = {"format": DERIS_FORMAT_NAME, "config": model.config.to_dict(), "sha256": {DERIS_WEIGHTS_FILE: file_sha256(weights)}}
+        sidecar = {"format": DERIS_FORMAT_NAME, "format_version": DERIS_FORMAT_VERSION, "config": model.config.to_dict(), "sha256": {DERIS_WEIGHTS_FILE: file_sha256(weights)}}
         atomic_write(folder / DERIS_CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     except OSError as exc:
         raise OutputError(f"cannot write DeRIS weights to {folder}: {exc.strerror or exc}; choose a writable folder") from None

@@ -136,3 +136,18 @@ def read_json(path: str | Path, what: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"cannot read {what} {path}: expected a JSON object")
     return data
+
+
+def check_format(sidecar: Dict[str, Any], name: str, version: int, path: str | Path) -> None:
+    """Raise CheckpointError unless `sidecar` (a JSON settings file read from `path`) declares the
+    format `name` at a `format_version` this code reads (1 .. `version`; a missing version is 1)."""
+    if sidecar.get("format") != name:
+        raise CheckpointError(f"{path} is not a {name} file (its 'format' field is {sidecar.get('format')!r})")
+    found = sidecar.get("format_version", 1)
+    if not isinstance(found, int) or isinstance(found, bool) or found < 1:
+        raise CheckpointError(f"{path}: 'format_version' must be a positive integer, got {found!r}")
+    if found > version:
+        raise CheckpointError(
+            f"{path} was written by a newer deris-rerank ({name} format version {found}; this version reads up to "
+            f"{version}): upgrade deris-rerank"
+        )

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .checkpoints import state_dict_mismatch
 from .errors import CheckpointError, InputError, OutputError
-from .fileio import atomic_write, read_json, read_safetensors, read_torch_file
+from .fileio import atomic_write, check_format, read_json, read_safetensors, read_torch_file
 from .signatures import GRID_SIGNATURE_DIM, GRID_SIZES, grid_scale_mask
 
 FORMAT_NAME = "deris-rerank-gate"
@@ -398,8 +398,7 @@ def load_gate(
         weights_path, sidecar_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
         state = read_safetensors(weights_path, "gate weights")
         sidecar = read_json(sidecar_path, "gate settings")
-        if sidecar.get("format") != FORMAT_NAME:
-            raise CheckpointError(f"{sidecar_path} is not a {FORMAT_NAME} settings file (no matching 'format' field)")
+        check_format(sidecar, FORMAT_NAME, FORMAT_VERSION, sidecar_path)
         config = _config_from_state_dict(state, sidecar.get("config", {}), weights_path)
         rule = _rule_from_settings(config.flavour, sidecar.get("rule", {}), overrides, sidecar_path)
     else:

@@ -86,3 +86,36 @@ def test_objects_needing_arbitrary_unpickling_are_named_and_refused(tmp_path):
 def test_a_plain_state_dict_loads(tmp_path):
     torch.save({"w": torch.arange(3)}, tmp_path / "ok.pt")
     assert torch.equal(read_torch_file(tmp_path / "ok.pt")["w"], torch.arange(3))
+
+
+def test_sidecar_formats_are_versioned_and_checked(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from deris_rerank.checkpoints import load_deris
+    from deris_rerank.gate import load_gate
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir / "deris", model)
+    sidecar = json.loads((model / "config.json").read_text())
+    assert sidecar["format_version"] == 1
+    del sidecar["format_version"]  # files written before versions were recorded read as version 1
+    (model / "config.json").write_text(json.dumps(sidecar))
+    load_deris(model)
+    sidecar["format_version"] = 2
+    (model / "config.json").write_text(json.dumps(sidecar))
+    with pytest.raises(CheckpointError, match="newer deris-rerank.*format version 2.*reads up to 1"):
+        load_deris(model)
+
+    for name in ("gate.safetensors", "gate.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    gate_sidecar = json.loads((tmp_path / "gate.json").read_text())
+    assert gate_sidecar["format_version"] == 1
+    gate_sidecar["format_version"] = 7
+    (tmp_path / "gate.json").write_text(json.dumps(gate_sidecar))
+    with pytest.raises(CheckpointError, match="newer deris-rerank.*version 7"):
+        load_gate(tmp_path / "gate.safetensors")
+    gate_sidecar["format"] = "something-else"
+    (tmp_path / "gate.json").write_text(json.dumps(gate_sidecar))
+    with pytest.raises(CheckpointError, match="is not a deris-rerank-gate file"):
+        load_gate(tmp_path / "gate.safetensors")
