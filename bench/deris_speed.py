@@ -61,7 +61,7 @@ def one_run(model, config, image_path, batch, device, dtype) -> StageTimer:
     tokens[:, 11] = 2
     out = model(image_hi, image_lo, tokens, padding, timer=timer)
     with timer("postprocess"):
-        answer = deris_answer_mask(out["mask_logits"], out["scores"], config.score_threshold)
+        answer = deris_answer_mask(out.mask_logits, out.scores, config.score_threshold)
         resize_mask_nearest(answer.cpu(), (480, 640))
     return timer
 

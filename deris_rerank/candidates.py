@@ -6,12 +6,13 @@ it that way; `order` gives the by-score view that people read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Tuple
 
 import torch
 from torch import Tensor
 
 from .deris.answer import working_precision
+from .deris.model import DerisOutput
 from .errors import InputError
 from .signatures import grid_signatures, mask_statistics
 
@@ -34,14 +35,14 @@ class Candidates:
     existence: Tensor
 
     @classmethod
-    def from_outputs(cls, outputs: Dict[str, Tensor], query_source: str = "perception") -> "Candidates":
+    def from_outputs(cls, outputs: DerisOutput, query_source: str = "perception") -> "Candidates":
         """From `DerisModel.forward` outputs. query_source: "perception" (the perception queries
         after the last loopback round, as the Venice-H1 caches) or "cognition" (the aligner's)."""
         if query_source not in QUERY_SOURCES:
             raise ValueError(f"query_source must be one of {QUERY_SOURCES}, got {query_source!r}")
-        embed = outputs["query_embed" if query_source == "perception" else "cognition_embed"]
-        existence = outputs["existence_logit"].float().sigmoid().squeeze(-1)
-        return cls(outputs["mask_logits"], outputs["scores"], embed, existence)
+        embed = outputs.query_embed if query_source == "perception" else outputs.cognition_embed
+        existence = outputs.existence_logit.float().sigmoid().squeeze(-1)
+        return cls(outputs.mask_logits, outputs.scores, embed, existence)
 
     @property
     def default_index(self) -> Tensor:

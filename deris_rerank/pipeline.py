@@ -23,7 +23,7 @@ from .candidates import QUERY_SOURCES, Candidates
 from .checkpoints import load_deris
 from .deris.config import PRESETS
 from .deris.loopback import BATCH_SEMANTICS
-from .deris.model import DerisModel
+from .deris.model import DerisModel, DerisOutput
 from .errors import CheckpointError, DerisRerankError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
 from .gate import VeniceGate, load_gate
 from .images import load_image
@@ -361,7 +361,7 @@ class Pipeline:
 
     def _results(self, batch: "CandidateBatch", pairs) -> List[Tuple[int, Result]]:
         """Gate decision and Results for one model run."""
-        timer, candidates, outputs, count = batch.timer, batch.candidates, batch.outputs, len(batch.indices)
+        timer, candidates, count = batch.timer, batch.candidates, len(batch.indices)
         with torch.inference_mode():
             with timer("signatures"):
                 stats, grids = candidates.gate_features()
@@ -414,7 +414,7 @@ class CandidateBatch:
     indices: List[int]
     images: List[np.ndarray]
     candidates: Candidates
-    outputs: Dict[str, torch.Tensor]
+    outputs: DerisOutput
     timer: StageTimer
     load_ms: List[float]
     text_notes: List[TextNotes] = field(default_factory=list)

@@ -45,3 +45,26 @@ def test_decoding_transforms_and_tokenizer_are_separate_concepts():
     assert not any(n.startswith(("sentencepiece", "deris_rerank.tokenizer")) for n in imported_modules(PACKAGE / "images.py"))
     assert not any(n.startswith(("cv2", "PIL", "deris_rerank.images")) for n in imported_modules(PACKAGE / "tokenizer.py"))
     assert not any(n.startswith(("sentencepiece", "PIL")) for n in imported_modules(PACKAGE / "transforms.py"))
+
+
+def test_model_returns_a_typed_output_with_intermediates_only_on_request():
+    import torch
+
+    from conftest import build_tiny_model
+    from deris_rerank.deris.model import DerisOutput
+
+    model = build_tiny_model()
+    config = model.config
+    torch.manual_seed(1)
+    image_hi, image_lo = torch.randn(1, 3, config.image_size, config.image_size), torch.randn(1, 3, config.image_size_lo, config.image_size_lo)
+    tokens = torch.randint(4, 50, (1, config.max_tokens))
+    padding = (torch.arange(config.max_tokens) >= 5).long()[None]
+    with torch.inference_mode():
+        plain = model(image_hi, image_lo, tokens, padding)
+        full = model(image_hi, image_lo, tokens, padding, return_rounds=True)
+    assert isinstance(plain, DerisOutput) and plain.rounds is None and "rounds" not in plain
+    assert plain["scores"] is plain.scores and plain.mask_logits.shape[-1] == config.image_size
+    with pytest.raises(KeyError, match="rounds"):
+        plain["rounds"]
+    assert "after_cross_attn" in full.rounds[1] and "after_cross_attn" not in full.rounds[0]
+    assert torch.equal(plain.mask_logits, full.mask_logits) and torch.equal(plain.scores, full.scores)

@@ -169,6 +169,7 @@ class LoopbackDecoder(nn.Module):
         text_padding: Tensor,
         img_feat: Tensor,
         batch_semantics: str = "per_sample",
+        keep_intermediates: bool = False,
     ) -> List[Dict[str, Tensor]]:
         """Run all rounds.
 
@@ -179,8 +180,9 @@ class LoopbackDecoder(nn.Module):
         `refer_logits` [B, N, 2] (class 0 = referred), `query` [B, N, C] (after refer_proj),
         `attn_mask` bool [B, N, h*w] for the next decoder layer (True = masked, before fully
         masked rows are cleared), and the intermediate query states `query_before_loopback`,
-        `query_after_query_SA`, `query_refer` and, after round 0, the decoder layer's
-        `after_cross_attn` and `after_self_attn` (its FFN output is `query_before_loopback`).
+        `query_after_query_SA`, `query_refer`; with keep_intermediates=True (parity checks), after
+        round 0 also the decoder layer's `after_cross_attn` and `after_self_attn` (its FFN output
+        is `query_before_loopback`).
         """
         if batch_semantics not in BATCH_SEMANTICS:
             raise ValueError(f"batch_semantics must be one of {BATCH_SEMANTICS}, got {batch_semantics!r}")
@@ -205,11 +207,13 @@ class LoopbackDecoder(nn.Module):
                 layer, attn_mask = r - 1, rounds[-1]["attn_mask"]
                 level = layer % self.num_feature_levels
                 attn_mask = (attn_mask & ~attn_mask.all(dim=-1, keepdim=True)).repeat_interleave(self.num_heads, dim=0)
-                q = state["after_cross_attn"] = self.transformer_cross_attention_layers[layer](
+                after_cross_attn = self.transformer_cross_attention_layers[layer](
                     q, memories[level], memory_pos[level], query_pos, attn_mask
                 )
-                q = state["after_self_attn"] = self.transformer_self_attention_layers[layer](q, query_pos)
-                q = self.transformer_ffn_layers[layer](q)
+                after_self_attn = self.transformer_self_attention_layers[layer](after_cross_attn, query_pos)
+                if keep_intermediates:
+                    state["after_cross_attn"], state["after_self_attn"] = after_cross_attn, after_self_attn
+                q = self.transformer_ffn_layers[layer](after_self_attn)
             state.update(self._heads(q, fused, sizes[r % self.num_feature_levels]))
             state.update(self._loopback(r, q, state["mask_logits_stride4"], pooled, text_feat, text_pos, text_padding, batch_semantics))
             q = state["query"]

@@ -10,6 +10,7 @@ Module names map to upstream's checkpoint prefixes in `deris_rerank.checkpoints`
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Dict, List, NamedTuple, Optional
 
 import torch.nn.functional as F
@@ -50,6 +51,50 @@ def upsample_masks(mask_logits_stride4: Tensor) -> Tensor:
     return up.to(mask_logits_stride4.dtype).reshape(*lead, 4 * h, 4 * w)
 
 
+@dataclass
+class DerisOutput:
+    """What `DerisModel.forward` returns for B pairs with N query slots (slot order).
+
+    mask_logits_stride4 [B, N, S/4, S/4] and mask_logits [B, N, S, S] (None when asked not to
+    upsample) mask logits; refer_logits [B, N, 2] (class 0 = referred); scores [B, N] referring
+    probability softmax(refer_logits)[..., 0]; boxes [B, N, 4] (cx, cy, w, h in [0, 1]);
+    existence_logit [B, 1]; query_embed [B, N, C] perception queries after the last round;
+    cognition_embed [B, N, C] the aligner's output; text_feat [B, T, C] the expression's
+    projected cognition tokens and text_padding bool [B, T] (True = padding).
+    With return_rounds=True also: rounds (one dict per loopback round, see `LoopbackDecoder`),
+    beit3_tokens [B, L, E] BEiT-3's output, img_feat [B, C, h, w] its projected image tokens,
+    initial_queries [B, N, C]. Also readable as a mapping: `output["scores"]`.
+    """
+
+    mask_logits_stride4: Tensor
+    refer_logits: Tensor
+    scores: Tensor
+    boxes: Tensor
+    existence_logit: Tensor
+    query_embed: Tensor
+    cognition_embed: Tensor
+    text_feat: Tensor
+    text_padding: Tensor
+    mask_logits: Optional[Tensor] = None
+    rounds: Optional[List[Dict[str, Tensor]]] = None
+    beit3_tokens: Optional[Tensor] = None
+    img_feat: Optional[Tensor] = None
+    initial_queries: Optional[Tensor] = None
+
+    def __getitem__(self, name: str):
+        value = getattr(self, name, None) if name in self.__dataclass_fields__ else None
+        if value is None:
+            raise KeyError(f"{name!r} is not in this output (present: {', '.join(self.keys())})")
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.__dataclass_fields__ and getattr(self, name) is not None
+
+    def keys(self) -> List[str]:
+        """Names of the fields that are set."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+
 class DerisModel(nn.Module):
     """DeRIS in plain PyTorch. Build with a `DerisConfig`; load weights with `load_deris`."""
 
@@ -81,7 +126,7 @@ class DerisModel(nn.Module):
         return_rounds: bool = False,
         with_mask_logits: bool = True,
         timer: Optional[StageTimer] = None,
-    ) -> Dict[str, Tensor]:
+    ) -> DerisOutput:
         """Run DeRIS on B image-text pairs.
 
         image_hi [B, 3, S, S] and image_lo [B, 3, s, s]: normalised RGB (see `transforms.prepare_images`);
@@ -89,15 +134,9 @@ class DerisModel(nn.Module):
         tokens int64 [B, T]; padding_mask [B, T], 1/True = padding.
         batch_semantics: "per_sample" (default; a result never depends on its batch) or
         "upstream" (upstream's batch-coupled loopback, for re-running its batched evaluation).
-        timer: optional `StageTimer` that receives swin, pixel_decoder, beit3, decoder, aligner,
-        upsample times.
-
-        Returns a dict:
-          mask_logits_stride4 [B, N, S/4, S/4]; mask_logits [B, N, S, S] (unless with_mask_logits=False);
-          refer_logits [B, N, 2]; scores [B, N] (referring probability); boxes [B, N, 4]
-          (normalised cx, cy, w, h); existence_logit [B, 1]; query_embed [B, N, C] (perception
-          queries after the last round); cognition_embed [B, N, C] (aligner output);
-          and with return_rounds=True, `rounds`: one dict per loopback round.
+        return_rounds: also return every loopback round with its intermediate states (training,
+        parity checks). timer: optional `StageTimer` that receives swin, pixel_decoder, beit3,
+        decoder, aligner, upsample times. Returns a `DerisOutput`.
         """
         if image_features is None:
             image_features = self.encode_image(image_hi, timer)
@@ -115,24 +154,26 @@ class DerisModel(nn.Module):
                 padding,
                 img_feat,
                 batch_semantics=batch_semantics,
+                keep_intermediates=return_rounds,
             )
         final = rounds[-1]
         with stage(timer, "aligner"):
             cognition_embed, existence_logit = self.cognition.align(final["query"], text_feat, padding)
-        out = {
-            "mask_logits_stride4": final["mask_logits_stride4"],
-            "refer_logits": final["refer_logits"],
-            "scores": refer_scores(final["refer_logits"]),
-            "boxes": final["boxes"],
-            "existence_logit": existence_logit,
-            "query_embed": final["query"],
-            "cognition_embed": cognition_embed,
-        }
+        out = DerisOutput(
+            mask_logits_stride4=final["mask_logits_stride4"],
+            refer_logits=final["refer_logits"],
+            scores=refer_scores(final["refer_logits"]),
+            boxes=final["boxes"],
+            existence_logit=existence_logit,
+            query_embed=final["query"],
+            cognition_embed=cognition_embed,
+            text_feat=text_feat,
+            text_padding=padding,
+        )
         if with_mask_logits:
             with stage(timer, "upsample"):
-                out["mask_logits"] = upsample_masks(final["mask_logits_stride4"])
+                out.mask_logits = upsample_masks(final["mask_logits_stride4"])
         if return_rounds:
-            out["rounds"] = rounds
-            out["beit3_tokens"] = encoded
-            out["img_feat"], out["text_feat"], out["initial_queries"] = img_feat, text_feat, queries
+            out.rounds, out.beit3_tokens = rounds, encoded
+            out.img_feat, out.initial_queries = img_feat, queries
         return out

@@ -16,7 +16,7 @@ Instance attributes (optional): see `attributes.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -131,7 +131,7 @@ def round_losses(
 
 
 def deris_loss(
-    outputs: Dict,
+    outputs: Mapping[str, Any],
     targets: PairTargets,
     exists: Tensor,
     weights: LossWeights,
@@ -140,7 +140,8 @@ def deris_loss(
 ) -> Dict[str, Tensor]:
     """Total loss over every loopback round (the last with weight 1, earlier ones x `aux`) + existence.
 
-    outputs: DerisModel.forward(..., return_rounds=True); exists float [B] (1 when a referent
+    outputs: DerisModel.forward(..., return_rounds=True) (a DerisOutput, read by key: rounds,
+    existence_logit, text_feat); exists float [B] (1 when a referent
     exists). With `attribute_heads` and targets.attributes, also the query-attribute loss of
     every round (unless weights.attributes is 0) and, given the tokens' text_padding bool
     [B, T] (True = pad), the referent-attribute loss on the text features (unless
