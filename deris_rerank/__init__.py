@@ -5,7 +5,7 @@ from .deris.config import DerisConfig
 from .deris.model import DerisModel
 from .errors import CheckpointError, DerisRerankError, InputError
 from .gate import DecisionRule, GateConfig, GateDecision, VeniceGate, load_gate, save_gate
-from .pipeline import Pipeline
+from .pipeline import EncodedImage, Pipeline
 from .result import Result
 from .signatures import grid_signatures, mask_statistics
 from .version import __version__
@@ -17,6 +17,7 @@ __all__ = [
     "DerisConfig",
     "DerisModel",
     "DerisRerankError",
+    "EncodedImage",
     "GateConfig",
     "GateDecision",
     "InputError",

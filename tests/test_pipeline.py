@@ -222,3 +222,28 @@ def test_non_ascii_and_emoji_text(pipe, photo):
     assert 3 in ids.tolist()  # unknown to the tokenizer: <unk>
     with pytest.raises(InputError):
         pipe(photo[0], "?!.,")  # nothing left after upstream's cleaning
+
+
+def test_an_encoded_image_gives_the_same_results_without_encoding_again(pipe, photo, monkeypatch):
+    from deris_rerank import EncodedImage
+
+    texts = ["man on the left", "the red car", "top right square"]
+    expected_one = pipe(photo[0], texts[0])
+    expected_many = pipe(photo[0], texts)
+    encoded = pipe.encode(photo[0])
+    assert isinstance(encoded, EncodedImage) and encoded.size == expected_one.image_size
+    assert set(encoded.timings) >= {"load", "swin", "pixel_decoder"}
+    calls = []
+    original = pipe.model.encode_image
+    monkeypatch.setattr(pipe.model, "encode_image", lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k))
+    one = pipe(encoded, texts[0])
+    many = pipe(encoded, texts)
+    assert calls == []  # Swin and the pixel decoder did not run again
+    for want, got in [(expected_one, one), *zip(expected_many, many)]:
+        assert np.array_equal(want.mask, got.mask) and np.array_equal(want.deris_mask, got.deris_mask)
+        assert want.scores == got.scores and want.selected == got.selected and want.p_fail == got.p_fail
+    # mixed with a plain image in one batch: only the plain one is encoded
+    mixed = pipe.batch([(encoded, texts[1]), (photo[1], texts[1])], batch_size=2)
+    assert calls == [1] and np.allclose(mixed[0].scores, expected_many[1].scores, rtol=0, atol=1e-5)
+    with pytest.raises(InputError):
+        pipe.encode(photo[0].parent / "missing.png")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Dict, List, NamedTuple, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -38,6 +39,14 @@ class ImageFeatures(NamedTuple):
     def select(self, index: Tensor) -> "ImageFeatures":
         """Rows `index` (int64 [B']) of every tensor, e.g. to repeat one image for several texts."""
         return ImageFeatures(self.mask_features[index], [m[index] for m in self.multi_scale])
+
+    @staticmethod
+    def cat(parts: List["ImageFeatures"]) -> "ImageFeatures":
+        """The images of `parts` one after another (batch dimension)."""
+        return ImageFeatures(
+            torch.cat([p.mask_features for p in parts]),
+            [torch.cat([p.multi_scale[level] for p in parts]) for level in range(len(parts[0].multi_scale))],
+        )
 
 
 def upsample_masks(mask_logits_stride4: Tensor) -> Tensor:
