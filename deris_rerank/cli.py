@@ -196,7 +196,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train_gate(args: argparse.Namespace) -> int:
     """Train a Venice-H1 gate on caches; pick its decision settings on the tuning caches."""
     from .gate import save_gate
-    from .pipeline import resolve_device
+    from .devices import resolve_device
     from .workflow.train_gate import choose_rule, load_gate_data, train_gate
 
     settings = settings_from_args(args, TrainSettings)
@@ -223,7 +223,7 @@ def cmd_pretrain_perception(args: argparse.Namespace) -> int:
     """Pre-train a preset's Swin on RefShapes object crops; writes OUT (safetensors)."""
     from .data.refshapes import RefShapes
     from .deris.config import DerisConfig
-    from .pipeline import resolve_device
+    from .devices import resolve_device
     from .training.pretrain_perception import pretrain_perception
 
     config = DerisConfig.preset(args.preset)
@@ -237,7 +237,7 @@ def cmd_pretrain_perception(args: argparse.Namespace) -> int:
 def cmd_train_deris(args: argparse.Namespace) -> int:
     """Train a DeRIS preset on RefShapes; writes OUT/model (+ tokenizer) and OUT/checkpoint.pt."""
     from .data.refshapes import RefShapes, corpus
-    from .pipeline import resolve_device
+    from .devices import resolve_device
     from .deris.config import DerisConfig
     from .training.tokenizer import train_word_tokenizer
     from .training.train_deris import DerisTrainSettings, train_deris

@@ -8,10 +8,10 @@ Model files are found as DESIGN.md says: an explicit path first, then the folder
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -21,95 +21,23 @@ import torch
 
 from .candidates import QUERY_SOURCES, Candidates
 from .checkpoints import load_deris
-from .deris.config import PRESETS
 from .deris.loopback import BATCH_SEMANTICS
 from .deris.model import DerisModel, DerisOutput, ImageFeatures
-from .errors import CheckpointError, DerisRerankError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
+from .errors import DerisRerankError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
 from .gate import VeniceGate, load_gate
 from .images import load_image
+from .devices import precision, resolve_device, resolve_dtype
+from .model_files import DEFAULT_MODEL, default_model, resolve_deris, resolve_gate, resolve_tokenizer
 from .tokenizer import Beit3Tokenizer, TextNotes, shorten_text
 from .transforms import prepare_images, resize_mask_nearest
 from .result import Result
 from .timing import StageTimer
 
-REPO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"  # in a checkout: the repository's weights/
-# The embedded default, installed with the package: DeRIS-tiny + its gate, trained on RefShapes.
-DEFAULT_MODEL = Path(__file__).resolve().parent / "embedded" / "deris-tiny"
-TOKENIZER_NAMES = ("beit3.spm", "tokenizer.model")
-GATE_NAMES = ("venice_h1.safetensors", "venice_h1.pt", "venice_h1.pth")
-GATE_BESIDE_MODEL = "gate.safetensors"  # a gate stored in a DeRIS folder belongs to that model
 EMBEDDED_DEFAULT_NOTICE = (
     "using the embedded default model (DeRIS-tiny), which only knows synthetic RefShapes scenes "
     "(coloured shapes such as \"the biggest cross\"); on photographs its masks mean nothing. For real images "
     "pass the official weights: --deris/--tokenizer/--gate (Python: deris=, tokenizer=, gate=); see README"
 )
-LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def weight_folders() -> List[Path]:
-    """Where model files are looked up after explicit paths: $DERIS_RERANK_WEIGHTS, then the
-    repository's weights/ (when running from a checkout), then weights/ in the current folder."""
-    env = os.environ.get("DERIS_RERANK_WEIGHTS")
-    folders = ([Path(env).expanduser()] if env else []) + [REPO_WEIGHTS, Path.cwd() / "weights"]
-    unique = []
-    for folder in folders:
-        if folder.is_dir() and all(folder.resolve() != other.resolve() for other in unique):
-            unique.append(folder)
-    return unique
-
-
-def _weight_folders_text() -> str:
-    folders = weight_folders()
-    return ", ".join(map(str, folders)) if folders else "any weights folder ($DERIS_RERANK_WEIGHTS is not set, no weights/ here)"
-
-
-def _find_in_weights(names: Sequence[str]) -> Optional[Path]:
-    for folder in weight_folders():
-        for name in names:
-            if (folder / name).exists():
-                return folder / name
-    return None
-
-
-def _resolve_deris(deris: Union[str, os.PathLike]) -> Path:
-    """A path as given, or a preset name looked up as weights/<name>/ or weights/<NAME>.pth."""
-    path = Path(deris).expanduser()
-    if path.exists():
-        return path
-    if str(deris).lower() in PRESETS:
-        name = str(deris).lower()
-        upstream = name.replace("deris-l", "DERIS-L").replace("deris-b", "DERIS-B")
-        found = _find_in_weights([name, f"{upstream}.pth", f"{name}.pth"])
-        if found is not None:
-            return found
-        where = _weight_folders_text()
-        raise CheckpointError(
-            f"no weights for preset {name} in {where}: put the official {upstream}.pth there "
-            f"(or convert it with `deris-rerank convert`), or pass its path"
-        )
-    raise CheckpointError(f"DeRIS checkpoint not found: {path} (pass a .pth, a converted folder or a preset name)")
-
-
-def resolve_device(device: Union[str, torch.device]) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; an explicit CUDA device without CUDA is a clear error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
-    return device
-
-
-def _resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> Optional[torch.dtype]:
-    """None/float32 -> None (plain float32); bfloat16/float16 -> the autocast dtype (CUDA only)."""
-    if dtype is None or dtype in ("float32", "fp32", torch.float32):
-        return None
-    resolved = LOW_PRECISION.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if resolved not in (torch.bfloat16, torch.float16):
-        raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    if device.type != "cuda":
-        raise InputError(f"dtype {dtype} runs as CUDA autocast; on {device.type} use float32")
-    return resolved
 
 
 def check_settings(tau: Optional[float] = None, batch_semantics: str = "per_sample", query_source: str = "perception") -> None:
@@ -169,14 +97,19 @@ class EncodedImage:
 class Pipeline:
     """Referring segmentation with DeRIS, re-ranked by the Venice-H1 gate.
 
-    deris: an official `.pth`, a converted folder, or a preset name found in the weights
-    folders; None: the embedded default (`deris_rerank/embedded/deris-tiny`, trained on RefShapes).
-    tokenizer: BEiT-3's sentencepiece model (default: `beit3.spm` or `tokenizer.model` next to
-    the DeRIS weights, or in the weights folders). gate: a Venice-H1 checkpoint; None looks for
-    `gate.safetensors` beside the DeRIS weights, then `venice_h1.*` in the weights folders, and
-    runs without a gate (DeRIS's own Query-0) when there is none; False never uses one. device: "auto" picks CUDA when available. dtype:
-    None (float32) or bfloat16/float16 autocast on CUDA; the deformable sampling, softmaxes
-    and signatures stay in float32. tau overrides the gate's threshold.
+    Each of the three parts is a built object or a file:
+    deris: a `DerisModel` (e.g. fresh from training), an official `.pth`, a converted folder,
+    or a preset name found in the weights folders; None: the embedded default
+    (`deris_rerank/embedded/deris-tiny`, trained on RefShapes).
+    tokenizer: a `Beit3Tokenizer`, or BEiT-3's sentencepiece model (default: `beit3.spm` or
+    `tokenizer.model` next to the DeRIS weights, or in the weights folders).
+    gate: a `VeniceGate`, or a Venice-H1 checkpoint; None looks for `gate.safetensors` beside
+    the DeRIS weights, then `venice_h1.*` in the weights folders, and runs without a gate
+    (DeRIS's own Query-0) when there is none; False never uses one. (`model_files` says where
+    files are looked for; `Pipeline.from_files` takes paths only.)
+    device: "auto" picks CUDA when available; built objects are moved there. dtype: None
+    (float32) or bfloat16/float16 autocast on CUDA; the deformable sampling, softmaxes and
+    signatures stay in float32. tau overrides the gate's threshold.
     """
 
     def __init__(
@@ -191,55 +124,50 @@ class Pipeline:
         query_source: str = "perception",
     ):
         check_settings(tau=tau, batch_semantics=batch_semantics, query_source=query_source)
-        if deris is None:
-            if not (DEFAULT_MODEL / "model.safetensors").is_file():
-                raise CheckpointError(
-                    f"the embedded default model is missing ({DEFAULT_MODEL}): pass deris=PATH (an official DeRIS "
-                    ".pth or a folder from `deris-rerank convert`), tokenizer=PATH (beit3.spm) and gate=PATH"
-                )
-            deris = DEFAULT_MODEL
         self.device = resolve_device(device)
-        self.autocast_dtype = _resolve_dtype(dtype, self.device)
-        self.deris_path = deris_path = _resolve_deris(deris)
-        self.model: DerisModel = load_deris(deris_path, device=self.device)
-        self.config = self.model.config
-        self.tokenizer_path = self._resolve_tokenizer(tokenizer, deris_path)
-        self.tokenizer = Beit3Tokenizer(self.tokenizer_path)
-        self.gate_path: Optional[Path] = None
-        self.gate: Optional[VeniceGate] = self._load_gate(gate, tau, deris_path)
+        self.autocast_dtype = resolve_dtype(dtype, self.device)
         self.batch_semantics = batch_semantics
         self.query_source = query_source
-        self.is_embedded_default = deris_path.resolve() == DEFAULT_MODEL.resolve()
+        if isinstance(deris, DerisModel):
+            self.deris_path: Optional[Path] = None
+            self.model = deris.to(self.device).eval()
+        else:
+            self.deris_path = resolve_deris(default_model() if deris is None else deris)
+            self.model = load_deris(self.deris_path, device=self.device)
+        self.config = self.model.config
+        if isinstance(tokenizer, Beit3Tokenizer):
+            self.tokenizer_path, self.tokenizer = tokenizer.path, tokenizer
+        else:
+            self.tokenizer_path = resolve_tokenizer(tokenizer, self.deris_path)
+            self.tokenizer = Beit3Tokenizer(self.tokenizer_path)
+        if isinstance(gate, VeniceGate):
+            self.gate_path: Optional[Path] = None
+            self.gate: Optional[VeniceGate] = gate.to(self.device).eval()
+            if tau is not None:
+                self.gate.rule = dataclasses.replace(self.gate.rule, tau=float(tau))
+        else:
+            self.gate_path = resolve_gate(gate, self.deris_path)
+            self.gate = None if self.gate_path is None else load_gate(
+                self.gate_path, device=self.device, tau=tau, query_dim=self.config.hidden_dim
+            )
+        self.is_embedded_default = self.deris_path is not None and self.deris_path.resolve() == DEFAULT_MODEL.resolve()
         if self.is_embedded_default:
             warn_embedded_default()
 
-    def _resolve_tokenizer(self, tokenizer, deris_path: Path) -> Path:
-        if tokenizer is not None:
-            return Path(tokenizer).expanduser()
-        folder = deris_path if deris_path.is_dir() else deris_path.parent
-        for name in TOKENIZER_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-        found = _find_in_weights(TOKENIZER_NAMES)
-        if found is None:
-            raise CheckpointError(f"no tokenizer found: pass tokenizer=PATH to beit3.spm (looked next to {deris_path} and in the weights folders)")
-        return found
-
-    def _load_gate(self, gate, tau, deris_path: Path) -> Optional[VeniceGate]:
-        if gate is False:
-            return None
-        beside = (deris_path if deris_path.is_dir() else deris_path.parent) / GATE_BESIDE_MODEL
-        if gate not in (None, True):
-            path = Path(gate).expanduser()
-        else:
-            path = beside if beside.is_file() else _find_in_weights(GATE_NAMES)
-        if path is None:
-            if gate is True:
-                raise CheckpointError(f"no Venice-H1 gate found in {_weight_folders_text()}: pass gate=PATH")
-            warnings.warn("no Venice-H1 gate found: results are DeRIS's own first choice (pass gate=PATH)", stacklevel=3)
-            return None
-        self.gate_path = path
-        return load_gate(path, device=self.device, tau=tau, query_dim=self.config.hidden_dim)
+    @classmethod
+    def from_files(
+        cls,
+        deris: Union[None, str, os.PathLike] = None,
+        tokenizer: Union[None, str, os.PathLike] = None,
+        gate: Union[None, bool, str, os.PathLike] = None,
+        **settings: Any,
+    ) -> "Pipeline":
+        """A pipeline from model files (paths or a preset name, found as `model_files` says; None:
+        the embedded default). `settings`: device, dtype, tau, batch_semantics, query_source."""
+        for name, value in (("deris", deris), ("tokenizer", tokenizer), ("gate", gate)):
+            if isinstance(value, (DerisModel, Beit3Tokenizer, VeniceGate)):
+                raise InputError(f"Pipeline.from_files: {name} must be a path, got a built {type(value).__name__}; use Pipeline(...)")
+        return cls(deris=deris, gate=gate, tokenizer=tokenizer, **settings)
 
     # --- public API --------------------------------------------------------------------
     def encode(self, image: Any) -> EncodedImage:
@@ -256,10 +184,7 @@ class Pipeline:
         with timer("load"):
             rgb = load_image(image() if callable(image) else image)
             image_hi, image_lo = prepare_images(rgb, self.config.image_size, self.config.image_size_lo)
-        precision = (
-            torch.autocast(device_type="cuda", dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        )
-        with torch.inference_mode(), precision:
+        with torch.inference_mode(), precision(self.device, self.autocast_dtype):
             features = self.model.encode_image(image_hi[None].to(self.device), timer)
         return EncodedImage(rgb, image_lo, features, dict(timer.ms))
 
@@ -395,11 +320,8 @@ class Pipeline:
 
     def _infer(self, images: List[_Image], jobs) -> "CandidateBatch":
         timer = StageTimer(self.device)
-        precision = (
-            torch.autocast(device_type="cuda", dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        )
         rows = torch.tensor([position for _, position, _, _ in jobs], device=self.device)
-        with torch.inference_mode(), precision:
+        with torch.inference_mode(), precision(self.device, self.autocast_dtype):
             features = self._image_features(images, timer)
             outputs = self.model(
                 None,

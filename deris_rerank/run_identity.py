@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Mapping
+
+import torch
 
 from .fileio import file_sha256
 from .version import __version__
@@ -26,33 +27,49 @@ def json_sha256(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
+def state_dict_sha256(module) -> str:
+    """Hex sha256 of a module's weights (names, dtypes, shapes and bytes), for models built in
+    memory (files are identified by their own sha256)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode("utf-8"))
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_sha256(pipe) -> str:
+    """sha256 of a pipeline's DeRIS weights: its checkpoint's, or its in-memory weights'."""
+    from .checkpoints import checkpoint_sha256
+
+    return checkpoint_sha256(pipe.deris_path) if pipe.deris_path else state_dict_sha256(pipe.model)
+
+
 def pipeline_identity(pipe) -> Dict[str, Any]:
     """The identity of results made by `pipe` (a `Pipeline`): a JSON-able dict.
 
     Keys: package_version, model {name, sha256, config_sha256}, tokenizer_sha256, gate (None or
     {sha256, rule}), dtype, batch_semantics, query_source; and, not compared, paths and device.
     """
-    from .checkpoints import checkpoint_sha256
-
     gate = None
     if pipe.gate is not None:
-        gate = {"sha256": file_sha256(pipe.gate_path), "rule": pipe.gate.settings()["rule"]}
+        gate_sha256 = file_sha256(pipe.gate_path) if pipe.gate_path else state_dict_sha256(pipe.gate)
+        gate = {"sha256": gate_sha256, "rule": pipe.gate.settings()["rule"]}
     return {
         "package_version": __version__,
         "model": {
             "name": pipe.config.name,
-            "sha256": checkpoint_sha256(pipe.deris_path),
+            "sha256": model_sha256(pipe),
             "config_sha256": json_sha256(pipe.config.to_dict()),
         },
-        "tokenizer_sha256": file_sha256(pipe.tokenizer_path),
+        "tokenizer_sha256": pipe.tokenizer.sha256,
         "gate": gate,
         "dtype": str(pipe.autocast_dtype or "float32").replace("torch.", ""),
         "batch_semantics": pipe.batch_semantics,
         "query_source": pipe.query_source,
         "paths": {
-            "deris": str(pipe.deris_path),
-            "tokenizer": str(pipe.tokenizer_path),
-            "gate": None if pipe.gate is None else str(pipe.gate_path),
+            "deris": None if pipe.deris_path is None else str(pipe.deris_path),
+            "tokenizer": None if pipe.tokenizer_path is None else str(pipe.tokenizer_path),
+            "gate": None if pipe.gate_path is None else str(pipe.gate_path),
         },
         "device": str(pipe.device),
     }

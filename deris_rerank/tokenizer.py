@@ -6,6 +6,7 @@ truncation).
 """
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 import re
@@ -63,6 +64,7 @@ class Beit3Tokenizer:
 
     def __init__(self, spm_path: Union[str, os.PathLike]) -> None:
         path = require_file(spm_path, "sentencepiece model")
+        self.path = path
         self._processor = sentencepiece.SentencePieceProcessor()
         try:
             self._processor.LoadFromSerializedProto(path.read_bytes())
@@ -71,6 +73,11 @@ class Beit3Tokenizer:
         self.mask_id = self._processor.GetPieceSize() + 1
         self._special_ids = {"<s>": BOS_ID, "<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID, _MASK_TOKEN: self.mask_id}
         self._special_split = re.compile("(" + "|".join(map(re.escape, self._special_ids)) + ")")
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the sentencepiece model (identifies the tokenizer in a run's identity)."""
+        return hashlib.sha256(self._processor.serialized_model_proto()).hexdigest()
 
     @property
     def vocab_size(self) -> int:

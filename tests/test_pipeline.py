@@ -171,7 +171,7 @@ def test_candidates_are_lazy_and_consistent(pipe, photo):
 
 
 def test_missing_files_and_wrong_gates_are_clear_errors(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("deris_rerank.pipeline.DEFAULT_MODEL", tmp_path / "no-default")
+    monkeypatch.setattr("deris_rerank.model_files.DEFAULT_MODEL", tmp_path / "no-default")
     with pytest.raises(CheckpointError, match="default model is missing.*deris=PATH"):
         Pipeline()
     with pytest.raises(CheckpointError, match="nowhere.pth"):
@@ -247,3 +247,22 @@ def test_an_encoded_image_gives_the_same_results_without_encoding_again(pipe, ph
     assert calls == [1] and np.allclose(mixed[0].scores, expected_many[1].scores, rtol=0, atol=1e-5)
     with pytest.raises(InputError):
         pipe.encode(photo[0].parent / "missing.png")
+
+
+def test_a_pipeline_from_built_objects_equals_one_from_files(tiny_model_dir, photo):
+    from deris_rerank.checkpoints import load_deris
+    from deris_rerank.gate import load_gate
+    from deris_rerank.tokenizer import Beit3Tokenizer
+    from deris_rerank.run_identity import pipeline_identity
+
+    files = Pipeline.from_files(tiny_model_dir / "deris", gate=tiny_model_dir / "gate.safetensors", device="cpu")
+    built = Pipeline(load_deris(tiny_model_dir / "deris"), gate=load_gate(tiny_model_dir / "gate.safetensors"),
+                     tokenizer=Beit3Tokenizer(tiny_model_dir / "deris" / "beit3.spm"), device="cpu", tau=0.0)
+    assert built.deris_path is None and built.gate.rule.tau == 0.0
+    want = files(photo[0], "man on the left")
+    got = built(photo[0], "man on the left")
+    assert got.scores == want.scores and got.p_fail == want.p_fail and np.array_equal(got.default_mask, want.default_mask)
+    assert pipeline_identity(built)["tokenizer_sha256"] == pipeline_identity(files)["tokenizer_sha256"]
+    assert len(pipeline_identity(built)["model"]["sha256"]) == 64
+    with pytest.raises(InputError, match="must be a path"):
+        Pipeline.from_files(load_deris(tiny_model_dir / "deris"))

@@ -163,3 +163,10 @@ PRESETS: Dict[str, DerisConfig] = {
     ),
     "deris-tiny": DERIS_TINY,
 }
+# The official checkpoints' file names as released upstream (the presets deris-tiny has none).
+UPSTREAM_CHECKPOINT_NAMES: Dict[str, str] = {
+    "deris-l-refcoco": "DERIS-L-refcoco.pth",
+    "deris-b-refcoco": "DERIS-B-refcoco.pth",
+    "deris-l-grefcoco": "DERIS-L-grefcoco.pth",
+    "deris-b-grefcoco": "DERIS-B-grefcoco.pth",
+}

@@ -19,15 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..checkpoints import checkpoint_sha256
 from ..data.sample import ReferringSample
 from ..errors import InputError, OutputMismatchError
-from ..fileio import file_sha256
 from ..pipeline import CandidateBatch, Pipeline
 from ..transforms import resize_mask_nearest
 from ..signatures import MASK_STAT_NAMES, split_grid_signature
 from ..version import __version__
-from ..run_identity import identity_differences
+from ..run_identity import identity_differences, model_sha256
 from .cache import shard_ids, shard_path, shard_provenance, write_shard
 
 IOU_PROTOCOLS = ("384", "original")
@@ -107,10 +105,10 @@ def extract_split(
         raise InputError(f"extract one split at a time, got {sorted(splits)}")
     split_dir = Path(out_dir) / splits.pop()
     provenance = {
-        "checkpoint": str(pipe.deris_path),
-        "checkpoint_sha256": checkpoint_sha256(pipe.deris_path),
+        "checkpoint": None if pipe.deris_path is None else str(pipe.deris_path),
+        "checkpoint_sha256": model_sha256(pipe),
         "config": pipe.config.to_dict(),
-        "tokenizer_sha256": file_sha256(pipe.tokenizer_path),
+        "tokenizer_sha256": pipe.tokenizer.sha256,
         "dtype": str(pipe.autocast_dtype or "float32").replace("torch.", ""),
         "package_version": __version__,
         "iou_protocol": protocol,

@@ -1,0 +1,41 @@
+"""Device and precision settings: "auto" -> CUDA when available; float32, or bfloat16/float16 autocast."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import ContextManager, Optional, Union
+
+import torch
+
+from .errors import InputError
+
+LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; an explicit CUDA device without CUDA is a clear error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device cuda was asked for, but PyTorch sees no CUDA device; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> Optional[torch.dtype]:
+    """None/float32 -> None (plain float32); bfloat16/float16 -> the autocast dtype (CUDA only)."""
+    if dtype is None or dtype in ("float32", "fp32", torch.float32):
+        return None
+    resolved = LOW_PRECISION.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.bfloat16, torch.float16):
+        raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if device.type != "cuda":
+        raise InputError(f"dtype {dtype} runs as CUDA autocast; on {device.type} use float32")
+    return resolved
+
+
+def precision(device: torch.device, autocast_dtype: Optional[torch.dtype]) -> ContextManager:
+    """The autocast context for `autocast_dtype` on `device` (a no-op for float32)."""
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
