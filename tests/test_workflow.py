@@ -51,6 +51,26 @@ def test_cache_fields_and_ious_match_a_direct_computation(caches, tiny_model_dir
     assert np.allclose(tensors["det_scores"][2], batch.candidates.scores[0].numpy(), atol=1e-6)
 
 
+def test_cache_holds_the_text_aware_fields(caches, tiny_model_dir):
+    tensors, _, _ = read_cache([caches / "val"])
+    p, t = len(tensors["det_scores"]), 20
+    assert tensors["refer_logits"].shape == (p, 10, 2) and tensors["cognition_feat"].shape == (p, 10, 64)
+    assert tensors["text_feat"].shape == (p, t, 64) and tensors["text_padding"].shape == (p, t)
+    logits = torch.from_numpy(tensors["refer_logits"])
+    assert np.allclose(logits.softmax(-1)[..., 0].numpy(), tensors["det_scores"], atol=1e-6)
+    keep = 1.0 - tensors["text_padding"].astype(np.float32)
+    assert (keep.sum(1) >= 1).all() and (keep[:, 0] == 1).all()  # every expression has tokens, left-aligned
+    pooled = (tensors["text_feat"] * keep[..., None]).sum(1) / keep.sum(1, keepdims=True)
+    assert np.allclose(tensors["text_pooled"], pooled, atol=1e-5)
+    # the same tensors as the model's own outputs for pair 0
+    samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
+    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu")
+    text = next(pipe.iter_candidates([(samples[0].image, samples[0].text)])).candidates.text
+    assert np.allclose(tensors["cognition_feat"][0], text.cognition_embed[0].numpy(), atol=1e-6)
+    assert np.allclose(tensors["text_feat"][0], text.text_feat[0].numpy(), atol=1e-6)
+    assert tensors["text_padding"][0].tolist() == text.text_padding[0].int().tolist()
+
+
 def test_extract_resumes_and_splits_work_between_workers(caches, tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert extract(tiny_model_dir, caches, "train", 10, 1, "--shard-size", "8") == 0

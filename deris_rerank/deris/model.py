@@ -97,6 +97,9 @@ class DerisModel(nn.Module):
           refer_logits [B, N, 2]; scores [B, N] (referring probability); boxes [B, N, 4]
           (normalised cx, cy, w, h); existence_logit [B, 1]; query_embed [B, N, C] (perception
           queries after the last round); cognition_embed [B, N, C] (aligner output);
+          text_feat [B, T, C] (the cognition branch's text token features: BEiT-3's text
+          tokens projected to the decoder width, what the decoder and aligner attend to);
+          text_padding bool [B, T] (True = padding, the tokens the text features exclude);
           and with return_rounds=True, `rounds`: one dict per loopback round.
         """
         if image_features is None:
@@ -127,6 +130,8 @@ class DerisModel(nn.Module):
             "existence_logit": existence_logit,
             "query_embed": final["query"],
             "cognition_embed": cognition_embed,
+            "text_feat": text_feat,
+            "text_padding": padding,
         }
         if with_mask_logits:
             with stage(timer, "upsample"):
@@ -134,5 +139,5 @@ class DerisModel(nn.Module):
         if return_rounds:
             out["rounds"] = rounds
             out["beit3_tokens"] = encoded
-            out["img_feat"], out["text_feat"], out["initial_queries"] = img_feat, text_feat, queries
+            out["img_feat"], out["initial_queries"] = img_feat, queries
         return out
