@@ -300,7 +300,9 @@ class Pipeline:
                 stats, grids = candidates.gate_features()
             with timer("gate"):
                 if self.gate is not None:
-                    decision = self.gate.decide(candidates.query_embed.float(), candidates.scores.float(), stats, grids)
+                    inputs = (candidates.query_embed.float(), candidates.scores.float(), stats, grids)
+                    text = {"text": candidates.text} if self.gate.reads_text else {}
+                    decision = self.gate.decide(*inputs, **text)
                     selected, p_fail = decision.selected, decision.p_fail.tolist()
                 else:
                     selected, p_fail = candidates.default_index, [None] * count

@@ -144,3 +144,45 @@ def test_evaluate_writes_report_and_numbers_match_the_cache(caches, tmp_path, ca
     assert cli.main(["evaluate", "--cache", str(caches / "val"), "--out", str(tmp_path / "alone")]) == 0
     alone = json.loads((tmp_path / "alone" / "metrics.json").read_text())["overall"]
     assert alone["delta_full"] == 0 and alone["switch_rate"] == 0
+
+
+def test_calibrated_reranker_trains_evaluates_and_runs_in_the_pipeline(caches, tiny_model_dir, tmp_path, capsys):
+    from deris_rerank.calibrated import CalibratedReranker
+
+    args = ["train-gate", "--arch", "calibrated", "--train", str(caches / "train"), "--tune", str(caches / "tune"),
+            "--device", "cpu", "--quiet", *SMALL]
+    assert cli.main([*args, "--out", str(tmp_path / "cal")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["operating_points"]) == {"tuned", "conservative"} and out["rule"] == out["operating_points"]["tuned"]
+    assert out["tuned_tune_harmful"] <= 5.0 and out["conservative_tune_harmful"] <= 1.0
+    sidecar = json.loads((tmp_path / "cal.json").read_text())
+    assert sidecar["format"] == "deris-rerank-calibrated" and sidecar["training"]["hidden_dim"] == 32
+    reranker = load_gate(tmp_path / "cal.safetensors")
+    assert isinstance(reranker, CalibratedReranker) and reranker.config.hidden_dim == 32
+    assert cli.main(["evaluate", "--cache", str(caches / "val"), "--gate", str(tmp_path / "cal.safetensors"),
+                     "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["protocol"]["gate"]["flavour"] == "calibrated" and "failure_auc" in report["overall"]
+    # the pipeline passes the expression's features on, and decides as the cache-based evaluation does
+    samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
+    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=tmp_path / "cal.safetensors", device="cpu", tau=0.0)
+    results = pipe.batch([(s.image, s.text) for s in samples][:4])
+    data = load_gate_data([caches / "val"])
+    decision = load_gate(tmp_path / "cal.safetensors", tau=0.0).decide(
+        data.query_feat[:4], data.scores[:4], data.mask_stats[:4], data.grid[:4], text=data.text.select(slice(0, 4)))
+    assert [r.switched for r in results] == decision.switched.tolist()
+    assert np.allclose([r.p_fail for r in results], decision.p_fail.numpy(), atol=1e-4)
+
+
+def test_text_aware_training_on_an_old_cache_fails_with_one_line(caches, tmp_path, capsys):
+    from deris_rerank.workflow.cache import write_shard
+    from deris_rerank.workflow.train_gate import CACHE_TEXT_FIELDS
+
+    tensors, ids, provenance = read_cache([caches / "train"])
+    old = {k: torch.from_numpy(v) for k, v in tensors.items() if k not in (*CACHE_TEXT_FIELDS, "text_pooled")}
+    write_shard(tmp_path / "old" / "shard_00000.safetensors", old, ids, provenance[0])
+    assert load_gate_data([tmp_path / "old"]).text is None  # still readable (the Venice-H1 gate trains on it)
+    code = cli.main(["train-gate", "--arch", "calibrated", "--train", str(tmp_path / "old"), "--tune", str(caches / "tune"),
+                     "--out", str(tmp_path / "cal"), "--device", "cpu", "--quiet", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and "lacks the text-aware fields" in err and "re-extract" in err and len(err.strip().splitlines()) == 1
