@@ -207,9 +207,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .gate import load_gate
     from .workflow.evaluate import evaluate_caches, markdown
 
-    gate = None if args.gate is None else load_gate(args.gate, tau=args.tau)
-    report = evaluate_caches([Path(p) for p in args.cache], gate, Path(args.out))
+    gates = {Path(path).stem: load_gate(path, tau=args.tau) for path in args.gate or []}
+    report = evaluate_caches([Path(p) for p in args.cache], next(iter(gates.values()), None), Path(args.out))
     print(markdown(report))
+    if len(gates) > 1:
+        from .fileio import atomic_write
+        from .workflow.ablation import ablation_markdown, ablation_rows
+        from .workflow.train_gate import load_gate_data
+
+        table = ablation_markdown(ablation_rows(load_gate_data([Path(p) for p in args.cache]), gates))
+        atomic_write(Path(args.out) / "ablation.md", lambda tmp: Path(tmp).write_text("# Ablation\n\n" + table))
+        print(table)
     return 0
 
 
@@ -372,7 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and prints the table with its protocol.",
     )
     evaluate.add_argument("--cache", nargs="+", required=True, help="cache split folders to evaluate")
-    evaluate.add_argument("--gate", help="gate checkpoint (omit to evaluate DeRIS alone)")
+    evaluate.add_argument("--gate", nargs="+", help="gate / re-ranker checkpoint (omit to evaluate DeRIS alone); "
+                          "several: the tables are for the first, and OUT/ablation.md compares them all")
     evaluate.add_argument("--tau", type=float, help="override the gate's tau")
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.set_defaults(run=cmd_evaluate)

@@ -186,3 +186,19 @@ def test_text_aware_training_on_an_old_cache_fails_with_one_line(caches, tmp_pat
                      "--out", str(tmp_path / "cal"), "--device", "cpu", "--quiet", *SMALL])
     err = capsys.readouterr().err
     assert code == 2 and "lacks the text-aware fields" in err and "re-extract" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_with_several_gates_writes_the_ablation_table(caches, tmp_path, capsys):
+    common = ["--train", str(caches / "train"), "--tune", str(caches / "tune"), "--device", "cpu", "--quiet", *SMALL]
+    assert cli.main(["train-gate", *common, "--out", str(tmp_path / "venice")]) == 0
+    assert cli.main(["train-gate", "--arch", "calibrated", *common, "--out", str(tmp_path / "cal")]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--cache", str(caches / "val"), "--gate", str(tmp_path / "venice.safetensors"),
+                     str(tmp_path / "cal.safetensors"), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "ablation.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == "re-ranker" and rows[1] == "Query-0 (DeRIS)" and rows[2] == "venice" and rows[-1] == "oracle"
+    assert "cal" in rows and table.split("\n\n", 1)[1] in capsys.readouterr().out
+    data = load_gate_data([caches / "val"])
+    q0 = 100 * float(data.ious[torch.arange(len(data)), data.default_index].mean())
+    assert f"| Query-0 (DeRIS) | {q0:.2f} |" in table
