@@ -197,10 +197,11 @@ class CalibratedReranker(nn.Module):
     # --- decisions ----------------------------------------------------------------------
     @torch.no_grad()
     def decide(self, query_embed, scores, mask_stats, grid_sigs, text: Optional[TextContext] = None) -> GateDecision:
-        """Run the re-ranker and apply its rule. Shapes as in `forward`; `rank` = fused logit minus Query-0's."""
+        """Run the re-ranker and apply its rule. Shapes as in `forward`; `rank` = fused logit minus
+        Query-0's; `calibrated` = the calibrated logits [B, N]."""
         inputs = self._checked_inputs(query_embed, scores, mask_stats, grid_sigs, text)
-        default_index, p_fail_logit, fused, _ = self(*inputs)
-        return apply_rule(self.rule, default_index, p_fail_logit, fused)
+        default_index, p_fail_logit, fused, calibrated = self(*inputs)
+        return dataclasses.replace(apply_rule(self.rule, default_index, p_fail_logit, fused), calibrated=calibrated)
 
     def _checked_inputs(self, query_embed, scores, mask_stats, grid_sigs, text):
         cfg = self.config

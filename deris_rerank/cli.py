@@ -194,7 +194,7 @@ def _train_calibrated(args: argparse.Namespace, device) -> int:
     train = load_gate_data([Path(p) for p in args.train])
     tune = load_gate_data([Path(p) for p in args.tune])
     tune.require_text()
-    reranker = train_calibrated(train, settings, device=device, log=training_log(args))
+    reranker = train_calibrated(train, settings, device=device, log=training_log(args), monitor=None if args.quiet else tune)
     reranker.rule, reranker.operating_points, tuned = choose_operating_points(reranker, tune, settings)
     written = save_calibrated(reranker.cpu(), args.out, extra={**settings_record(settings), "tuning": tuned})
     print(json.dumps({"gate": str(written), "rule": reranker.settings()["rule"],

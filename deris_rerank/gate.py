@@ -81,7 +81,8 @@ class GateDecision:
 
     p_fail_logit [B], p_fail [B] in [0, 1]; rank [B, N] predicted IoU gain relative to the
     default candidate (0 at the default); default_index [B] and selected [B] int64 slot
-    indices; switched [B] bool (selected != default).
+    indices; switched [B] bool (selected != default); calibrated [B, N]: a text-aware
+    re-ranker's calibrated candidate-text logits (None for a Venice-H1 gate).
     """
 
     p_fail_logit: torch.Tensor
@@ -90,6 +91,7 @@ class GateDecision:
     default_index: torch.Tensor
     selected: torch.Tensor
     switched: torch.Tensor
+    calibrated: Optional[torch.Tensor] = None
 
 
 def apply_rule(rule: DecisionRule, default_index: Tensor, p_fail_logit: Tensor, gain: Tensor) -> GateDecision:

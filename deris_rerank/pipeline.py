@@ -304,8 +304,11 @@ class Pipeline:
                     text = {"text": candidates.text} if self.gate.reads_text else {}
                     decision = self.gate.decide(*inputs, **text)
                     selected, p_fail = decision.selected, decision.p_fail.tolist()
+                    rerank = decision.rank.float().cpu()
+                    calibrated = None if decision.calibrated is None else decision.calibrated.float().cpu()
                 else:
                     selected, p_fail = candidates.default_index, [None] * count
+                    rerank = calibrated = None
             with timer("postprocess"):
                 binary = candidates.binary_masks(self.config.mask_threshold).cpu()
                 answers = deris_answer_mask(outputs["mask_logits"], outputs["scores"], self.config.score_threshold).cpu()
@@ -330,6 +333,8 @@ class Pipeline:
                 default_mask=resize_mask_nearest(binary[b, first], size).numpy(),
                 existence=float(candidates.existence[b]),
                 timings={"load": batch.load_ms[b], **shared},
+                rerank_scores=None if rerank is None else rerank[b, order[b]].tolist(),
+                calibrated_scores=None if calibrated is None else calibrated[b, order[b]].tolist(),
                 image=batch.images[b],
                 _candidate_masks=_LazyMasks(binary[b, order[b]], size),
             )

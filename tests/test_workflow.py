@@ -172,6 +172,10 @@ def test_calibrated_reranker_trains_evaluates_and_runs_in_the_pipeline(caches, t
         data.query_feat[:4], data.scores[:4], data.mask_stats[:4], data.grid[:4], text=data.text.select(slice(0, 4)))
     assert [r.switched for r in results] == decision.switched.tolist()
     assert np.allclose([r.p_fail for r in results], decision.p_fail.numpy(), atol=1e-4)
+    for b, r in enumerate(results):  # the explanation: scores by rank, as the decision's per-slot values
+        assert np.allclose(r.calibrated_scores, decision.calibrated[b, r.slots].numpy(), atol=1e-4)
+        assert np.allclose(r.rerank_scores, decision.rank[b, r.slots].numpy(), atol=1e-4) and r.rerank_scores[0] == 0
+        assert r.to_json()["calibrated_scores"] == r.calibrated_scores
 
 
 def test_text_aware_training_on_an_old_cache_fails_with_one_line(caches, tmp_path, capsys):

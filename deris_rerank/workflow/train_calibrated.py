@@ -1,6 +1,8 @@
 """`deris-rerank train-gate --arch calibrated`: train the calibrated re-ranker on feature caches.
 
-Recipe (every knob a flag): AdamW (the fusion weights without weight decay), linear warm-up
+Recipe (every knob a flag): AdamW (the two fusion weights without weight decay and at
+`fusion_lr_scale` x the learning rate: Adam moves a scalar by about lr per step, too slowly for
+a weight that starts at 0 and must reach ~1), linear warm-up
 then cosine decay to 0, seeded and deterministic on CPU. Loss per pair:
   listwise cross-entropy of the fused logits toward soft targets softmax(IoU / target_temperature)
   (one-hot on the best-IoU candidate when target_temperature = 0),
@@ -48,6 +50,7 @@ class CalibratedSettings:
     target_temperature: float = 0.05
     aux_weight: float = 0.5
     failure_weight: float = 1.0
+    fusion_lr_scale: float = 20.0
     text: bool = True
     fusion: str = "learned"
     max_harmful: float = 5.0
@@ -104,7 +107,8 @@ def train_calibrated(
 ) -> CalibratedReranker:
     """Train a calibrated re-ranker on `train` (no operating-point tuning: see `choose_operating_points`).
 
-    monitor: optional data (the tuning split) whose argmax-fused mIoU gain is logged each epoch.
+    monitor: optional data (the tuning split) whose argmax-fused mIoU gain is logged each epoch
+    (for watching only: nothing is chosen from it here).
     """
     device = torch.device(device)
     torch.manual_seed(settings.seed)
@@ -113,7 +117,9 @@ def train_calibrated(
     fusion = [reranker.fusion_deris, reranker.fusion_calibrated]
     others = [p for p in reranker.parameters() if all(p is not f for f in fusion)]
     optimizer = torch.optim.AdamW(
-        [{"params": others, "weight_decay": settings.weight_decay}, {"params": fusion, "weight_decay": 0.0}], lr=settings.lr
+        [{"params": others, "weight_decay": settings.weight_decay, "lr": settings.lr},
+         {"params": fusion, "weight_decay": 0.0, "lr": settings.lr * settings.fusion_lr_scale}],
+        lr=settings.lr,
     )
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps_per_epoch, settings))
