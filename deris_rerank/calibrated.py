@@ -3,7 +3,8 @@
 For B pairs with N candidates, T text tokens, width D (DeRIS's decoder width), K referring
 classes and hidden size H:
 
-    per candidate [query (D), cognition (D), 4 mask stats, score, refer logits (K), grid (675)]
+    per candidate [query (D), cognition (D), 4 mask stats, score, refer logits (K), grid (675),
+                   optionally 4 geometry values (centre and spread, from the 16 x 16 grid)]
         -> candidate encoder -> c [B, N, H]
     token features [B, T, D] -> text encoder -> t [B, T, H]
     L calibration layers, each (pre-norm, residual):
@@ -48,7 +49,7 @@ from .checkpoints import state_dict_mismatch
 from .errors import CheckpointError, InputError, OutputError
 from .fileio import atomic_write
 from .gate import CALIBRATED_FORMAT_NAME, N_MASK_STATS, DecisionRule, GateDecision, apply_rule
-from .signatures import GRID_SIGNATURE_DIM, GRID_SIZES
+from .signatures import GRID_FIELDS, GRID_SIGNATURE_DIM, GRID_SIZES
 from .text_context import TextContext, pooled_text
 
 FORMAT_NAME = CALIBRATED_FORMAT_NAME
@@ -73,14 +74,35 @@ class CalibratedConfig:
     dropout: float = 0.1
     use_text: bool = True
     fusion: str = "learned"
+    geometry: bool = False
     flavour: str = CALIBRATED
     use_grid: bool = True
     grid_scales: Tuple[int, ...] = GRID_SIZES
 
     @property
     def feature_dim(self) -> int:
-        """Per-candidate input width: query + cognition + 4 mask statistics + score + K logits + 675 grid values."""
-        return self.query_dim + self.text_dim + N_MASK_STATS + 1 + self.n_classes + GRID_SIGNATURE_DIM
+        """Per-candidate input width: query + cognition + 4 mask statistics + score + K logits + 675 grid
+        values (+ 4 geometry values)."""
+        geometry = GEOMETRY_DIM if self.geometry else 0
+        return self.query_dim + self.text_dim + N_MASK_STATS + 1 + self.n_classes + GRID_SIGNATURE_DIM + geometry
+
+
+GEOMETRY_DIM = 4
+_GRID16_START = sum(size for name, size in GRID_FIELDS[: [n for n, _ in GRID_FIELDS].index("grid_mean_16")])
+
+
+def mask_geometry(grid_sigs: Tensor) -> Tensor:
+    """Where each candidate lies, from its 16 x 16 mean grid: [..., 675] -> [..., 4] =
+    (centre x, centre y, spread x, spread y), the probability-weighted mean and standard
+    deviation of the cell centres in [0, 1] (x to the right, y down; 0 for an empty mask)."""
+    grid = grid_sigs[..., _GRID16_START : _GRID16_START + 256].unflatten(-1, (16, 16))
+    cells = (torch.arange(16, device=grid.device, dtype=grid.dtype) + 0.5) / 16
+    mass = grid.sum(dim=(-2, -1)).clamp(min=1e-6)
+    px, py = grid.sum(dim=-2) / mass[..., None], grid.sum(dim=-1) / mass[..., None]  # marginals over x and y
+    cx, cy = (px * cells).sum(-1), (py * cells).sum(-1)
+    sx = (px * (cells - cx[..., None]) ** 2).sum(-1).clamp(min=0).sqrt()
+    sy = (py * (cells - cy[..., None]) ** 2).sum(-1).clamp(min=0).sqrt()
+    return torch.stack([cx, cy, sx, sy], dim=-1)
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -153,8 +175,9 @@ class CalibratedReranker(nn.Module):
 
     # --- network ----------------------------------------------------------------------
     def candidate_features(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext) -> Tensor:
-        """[B, N, feature_dim]: query, cognition, mask statistics, score, referring logits, grid."""
-        return torch.cat([query_embed, text.cognition_embed, mask_stats, scores[..., None], text.refer_logits, grid_sigs], dim=-1)
+        """[B, N, feature_dim]: query, cognition, mask statistics, score, referring logits, grid (, geometry)."""
+        geometry = [mask_geometry(grid_sigs)] if self.config.geometry else []
+        return torch.cat([query_embed, text.cognition_embed, mask_stats, scores[..., None], text.refer_logits, grid_sigs, *geometry], dim=-1)
 
     def forward(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Raw outputs: (default_index [B], p_fail_logit [B], fused [B, N], calibrated [B, N]).

@@ -148,3 +148,18 @@ def test_listwise_targets():
     assert torch.equal(listwise_targets(ious, 0.0), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
     soft = listwise_targets(ious, 0.05)
     assert soft[0, 1] == soft[0, 2] and soft.sum() == pytest.approx(1.0) and soft[0, 3] < soft[0, 0]
+
+
+def test_mask_geometry_finds_centre_and_spread():
+    from deris_rerank.calibrated import mask_geometry
+    from deris_rerank.signatures import grid_signatures
+
+    logits = torch.full((2, 64, 64), -20.0)
+    logits[0, 8:24, 40:56] = 20.0  # a square: centre (0.75, 0.25), side 0.25
+    logits[1, :, :32] = 20.0  # the left half
+    geometry = mask_geometry(grid_signatures(logits))
+    assert torch.allclose(geometry[0], torch.tensor([0.75, 0.25, 0.25 / 12**0.5, 0.25 / 12**0.5]), atol=0.01)
+    assert torch.allclose(geometry[1, :2], torch.tensor([0.25, 0.5]), atol=0.01)
+    model = reranker(w_cal=1.0, config=dataclasses.replace(CONFIG, geometry=True))
+    args, text = inputs(seed=8)
+    assert model(*args, text)[2].shape == (B, N)

@@ -11,7 +11,7 @@ then cosine decay to 0, seeded and deterministic on CPU. Loss per pair:
   + failure_weight x BCE of p_fail against the failure flag (some candidate beats Query-0).
 
 Operating points are picked on the tuning caches only, over tau in 0.00 ... 0.99 and the
-fused-logit margin in MARGIN_GRID: "tuned" maximises the mIoU gain (delta_full) with at most
+fused-logit margin in MARGIN_GRID (tau also 0.995, 0.999): "tuned" maximises the mIoU gain (delta_full) with at most
 `max_harmful` % harmful switches, "conservative" the same with at most `conservative_harmful` %;
 ties go to the larger margin, then the larger tau. The tuned point is the saved rule.
 """
@@ -30,7 +30,8 @@ from ..gate import DecisionRule, apply_rule
 from ..workflow.metrics import HARM_MARGIN
 from .train_gate import TAU_GRID, GateData, gate_outputs
 
-MARGIN_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0)
+MARGIN_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+CALIBRATED_TAU_GRID = TAU_GRID + (0.995, 0.999)  # a conservative point may need p_fail very near 1
 
 
 @dataclass
@@ -53,6 +54,7 @@ class CalibratedSettings:
     fusion_lr_scale: float = 20.0
     text: bool = True
     fusion: str = "learned"
+    geometry: bool = False
     max_harmful: float = 5.0
     conservative_harmful: float = 1.0
 
@@ -87,6 +89,7 @@ def build_reranker(data: GateData, settings: CalibratedSettings) -> CalibratedRe
         dropout=settings.dropout,
         use_text=settings.text,
         fusion=settings.fusion,
+        geometry=settings.geometry,
     )
     return CalibratedReranker(config, DecisionRule(tau=0.5, margin_pred=0.0))
 
@@ -173,7 +176,7 @@ def choose_operating_points(
     budgets = {"tuned": settings.max_harmful, "conservative": settings.conservative_harmful}
     best: Dict[str, Tuple[float, DecisionRule, Tuple[float, float, float]]] = {}
     for margin in MARGIN_GRID:
-        for tau in TAU_GRID:
+        for tau in CALIBRATED_TAU_GRID:
             rule = DecisionRule(tau=tau, margin_pred=margin)
             figures = rule_metrics(tune, apply_rule(rule, *outputs).selected)
             for name, budget in budgets.items():
