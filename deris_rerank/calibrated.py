@@ -20,7 +20,8 @@ classes and hidden size H:
 There is no slot embedding and the failure head reads only permutation-invariant summaries,
 so permuting the candidates permutes the fused logits and leaves p_fail unchanged.
 `fusion="none"` ranks by the calibrated logit alone (an ablation). `use_text=False` skips the
-text attention (an ablation: the same network without the expression).
+text attention and zeroes the pooled text (an ablation: the same network without the expression;
+the candidates' cognition embeddings, which DeRIS's aligner made from the text, stay).
 
 Decision rule: Venice-H1's (`gate.apply_rule`) on the fused logits: the default is
 argmax(score) (Query-0); switch to argmax(fused) only if p_fail > tau and the best
@@ -193,6 +194,8 @@ class CalibratedReranker(nn.Module):
             cand, tokens = layer(cand, tokens, padding)
         cand, tokens = self.norm_cand(cand), self.norm_text(tokens)
         pooled = pooled_text(tokens, padding)  # [B, H]
+        if not self.config.use_text:
+            pooled = torch.zeros_like(pooled)  # the ablation reads no text at all
         calibrated = self.calibration_head(torch.cat([cand, cand * pooled[:, None]], dim=-1)).squeeze(-1)
         fused = self.fuse(scores, calibrated)
         default_index = scores.argmax(dim=1)

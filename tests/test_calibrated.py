@@ -88,8 +88,9 @@ def test_text_is_read_unless_switched_off():
     with_text = reranker(w_cal=1.0)
     assert not torch.allclose(with_text(*args, text)[3], with_text(*args, other)[3], atol=1e-4)
     blind = reranker(w_cal=1.0, config=dataclasses.replace(CONFIG, use_text=False))
-    # without text attention only the pooled text (in the head) reads it: the candidates' own encoding does not
     assert not any(name.startswith("layers.0.read_text") for name, _ in blind.named_parameters())
+    for x, y in zip(blind(*args, text)[1:], blind(*args, other)[1:]):
+        assert torch.equal(x, y)
 
 
 def test_pooled_text_is_the_masked_mean():
