@@ -6,7 +6,7 @@ it that way; `order` gives the by-score view that people read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from .deris.answer import working_precision
 from .deris.model import DerisOutput
 from .errors import InputError
 from .signatures import grid_signatures, mask_statistics
+from .text_context import TEXT_FIELDS, TextContext
 
 QUERY_SOURCES = ("perception", "cognition")
 
@@ -26,13 +27,16 @@ class Candidates:
     mask_logits [B, N, S, S] logits at the perception input size (DeRIS's `pred_masks`);
     scores [B, N] referring probability; query_embed [B, N, D] what the gate reads;
     existence [B] sigmoid of DeRIS's existence logit (P(a referent exists); upstream
-    computes it but does not use it).
+    computes it but does not use it); text: what a text-aware re-ranker reads besides
+    (DeRIS's referring logits, cognition embeddings, the expression's token features and
+    padding; see `TextContext`), or None when the outputs lack it.
     """
 
     mask_logits: Tensor
     scores: Tensor
     query_embed: Tensor
     existence: Tensor
+    text: Optional[TextContext] = None
 
     @classmethod
     def from_outputs(cls, outputs: DerisOutput, query_source: str = "perception") -> "Candidates":
@@ -42,7 +46,8 @@ class Candidates:
             raise ValueError(f"query_source must be one of {QUERY_SOURCES}, got {query_source!r}")
         embed = outputs.query_embed if query_source == "perception" else outputs.cognition_embed
         existence = outputs.existence_logit.float().sigmoid().squeeze(-1)
-        return cls(outputs.mask_logits, outputs.scores, embed, existence)
+        text = TextContext.from_outputs(outputs) if all(k in outputs for k in TEXT_FIELDS) else None
+        return cls(outputs.mask_logits, outputs.scores, embed, existence, text)
 
     @property
     def default_index(self) -> Tensor:

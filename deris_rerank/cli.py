@@ -18,6 +18,8 @@ from .tokenizer import shorten_text
 from .version import __version__
 from .training.pretrain_perception import PerceptionPretrainSettings
 from .training.train_deris import DerisTrainSettings
+from .calibrated import FUSIONS
+from .workflow.train_calibrated import SHARED_SETTINGS, CalibratedSettings
 from .workflow.train_gate import FEATURE_SETS, TrainSettings
 
 MAX_REASONS_SHOWN = 5  # failed pairs whose reasons `batch` prints at the end
@@ -76,10 +78,12 @@ def _summary(result, written) -> str:
     )
 
 
-def add_settings_flags(parser: argparse.ArgumentParser, settings_class, **special) -> None:
-    """One `--flag-name` per field of the dataclass `settings_class`, defaulting to the field's default:
-    booleans as --x/--no-x, others typed like the default; `special[name]` replaces type/help."""
+def add_settings_flags(parser: argparse.ArgumentParser, settings_class, skip=(), **special) -> None:
+    """One `--flag-name` per field of the dataclass `settings_class` (but those named in `skip`), defaulting
+    to the field's default: booleans as --x/--no-x, others typed like the default; `special[name]` replaces type/help."""
     for setting in dataclasses.fields(settings_class):
+        if setting.name in skip:
+            continue
         flag, value = "--" + setting.name.replace("_", "-"), setting.default
         if setting.name in special:
             parser.add_argument(flag, dest=setting.name, default=value, **special[setting.name])
@@ -194,17 +198,37 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_train_gate(args: argparse.Namespace) -> int:
-    """Train a Venice-H1 gate on caches; pick its decision settings on the tuning caches."""
+    """Train a Venice-H1 gate (or, with --arch calibrated, the calibrated re-ranker) on caches;
+    pick its decision settings on the tuning caches."""
     from .gate import save_gate
     from .devices import resolve_device
     from .workflow.train_gate import choose_rule, load_gate_data, train_gate
 
-    settings = settings_from_args(args, TrainSettings)
     device = resolve_device(args.device)
+    if args.arch == "calibrated":
+        return _train_calibrated(args, device)
+    settings = settings_from_args(args, TrainSettings)
     gate = train_gate(load_gate_data([Path(p) for p in args.train]), settings, device=device, log=training_log(args))
     gate.rule, tuned = choose_rule(gate, load_gate_data([Path(p) for p in args.tune]), settings)
     written = save_gate(gate.cpu(), args.out)
     print(json.dumps({"gate": str(written), "rule": gate.settings()["rule"], **tuned}))
+    return 0
+
+
+def _train_calibrated(args: argparse.Namespace, device) -> int:
+    from .calibrated import save_calibrated
+    from .workflow.train_calibrated import choose_operating_points, settings_record, train_calibrated
+    from .workflow.train_gate import load_gate_data
+
+    settings = settings_from_args(args, CalibratedSettings)
+    train = load_gate_data([Path(p) for p in args.train])
+    tune = load_gate_data([Path(p) for p in args.tune])
+    tune.require_text()
+    reranker = train_calibrated(train, settings, device=device, log=training_log(args), monitor=None if args.quiet else tune)
+    reranker.rule, reranker.operating_points, tuned = choose_operating_points(reranker, tune, settings)
+    written = save_calibrated(reranker.cpu(), args.out, extra={**settings_record(settings), "tuning": tuned})
+    print(json.dumps({"gate": str(written), "rule": reranker.settings()["rule"],
+                      "operating_points": reranker.settings()["operating_points"], **tuned}))
     return 0
 
 
@@ -213,9 +237,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .gate import load_gate
     from .workflow.evaluate import evaluate_caches, markdown
 
-    gate = None if args.gate is None else load_gate(args.gate, tau=args.tau)
-    report = evaluate_caches([Path(p) for p in args.cache], gate, Path(args.out))
+    gates = {Path(path).stem: load_gate(path, tau=args.tau) for path in args.gate or []}
+    report = evaluate_caches([Path(p) for p in args.cache], next(iter(gates.values()), None), Path(args.out))
     print(markdown(report))
+    if len(gates) > 1:
+        from .fileio import atomic_write
+        from .workflow.ablation import ablation_markdown, ablation_rows
+        from .workflow.train_gate import load_gate_data
+
+        table = ablation_markdown(ablation_rows(load_gate_data([Path(p) for p in args.cache]), gates))
+        atomic_write(Path(args.out) / "ablation.md", lambda tmp: Path(tmp).write_text("# Ablation\n\n" + table))
+        print(table)
     return 0
 
 
@@ -365,8 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train", nargs="+", required=True, help="training cache split folders")
     train.add_argument("--tune", nargs="+", required=True, help="tuning cache split folders (not the evaluation split)")
     train.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
+    train.add_argument("--arch", default="venice", choices=["venice", "calibrated"],
+                       help="venice: the released Venice-H1 architecture (default); calibrated: the calibrated "
+                       "re-ranker, which also reads the expression (needs caches with the text-aware fields)")
     add_settings_flags(train, TrainSettings, features=dict(
         choices=sorted(FEATURE_SETS), help="feature ablation: full, base (no grid signatures) or one grid scale"))
+    calibrated = train.add_argument_group("calibrated re-ranker (--arch calibrated; it shares the flags above from --lr "
+                                          "to --dropout)")
+    add_settings_flags(calibrated, CalibratedSettings, skip=SHARED_SETTINGS, fusion=dict(
+        choices=list(FUSIONS), help="learned: DeRIS's log-score + a learned weight x the calibrated logit (default); "
+        "none: the calibrated logit alone"))
     add_training_run_flags(train)
     train.set_defaults(run=cmd_train_gate)
 
@@ -377,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and prints the table with its protocol.",
     )
     evaluate.add_argument("--cache", nargs="+", required=True, help="cache split folders to evaluate")
-    evaluate.add_argument("--gate", help="gate checkpoint (omit to evaluate DeRIS alone)")
+    evaluate.add_argument("--gate", nargs="+", help="gate / re-ranker checkpoint (omit to evaluate DeRIS alone); "
+                          "several: the tables are for the first, and OUT/ablation.md compares them all")
     evaluate.add_argument("--tau", type=float, help="override the gate's tau")
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.set_defaults(run=cmd_evaluate)

@@ -39,6 +39,7 @@ from .fileio import atomic_write, check_format, read_json, read_safetensors, rea
 from .signatures import GRID_SIGNATURE_DIM, GRID_SIZES, grid_scale_mask
 
 FORMAT_NAME = "deris-rerank-gate"
+CALIBRATED_FORMAT_NAME = "deris-rerank-calibrated"  # `deris_rerank.calibrated`'s files, also read by load_gate
 FORMAT_VERSION = 1
 RELEASED, PACKAGED = "released", "packaged"
 N_MASK_STATS = 4
@@ -80,7 +81,8 @@ class GateDecision:
 
     p_fail_logit [B], p_fail [B] in [0, 1]; rank [B, N] predicted IoU gain relative to the
     default candidate (0 at the default); default_index [B] and selected [B] int64 slot
-    indices; switched [B] bool (selected != default).
+    indices; switched [B] bool (selected != default); calibrated [B, N]: a text-aware
+    re-ranker's calibrated candidate-text logits (None for a Venice-H1 gate).
     """
 
     p_fail_logit: torch.Tensor
@@ -89,6 +91,7 @@ class GateDecision:
     default_index: torch.Tensor
     selected: torch.Tensor
     switched: torch.Tensor
+    calibrated: Optional[torch.Tensor] = None
 
 
 def apply_rule(rule: DecisionRule, default_index: Tensor, p_fail_logit: Tensor, gain: Tensor) -> GateDecision:
@@ -127,7 +130,11 @@ class VeniceGate(nn.Module):
     """Base class: input checks, the shared transformer and the decision rule.
 
     Subclasses define `query_encoder`, their heads, `candidate_features` and `heads`.
+    `reads_text` is False: a Venice-H1 gate reads the candidates alone (the calibrated
+    re-ranker, `deris_rerank.calibrated`, also takes the expression's `TextContext`).
     """
+
+    reads_text = False
 
     def __init__(self, config: GateConfig, rule: DecisionRule):
         super().__init__()
@@ -382,8 +389,13 @@ def load_gate(
     margin_pred: Optional[float] = None,
     margin_gap: Optional[float] = None,
     query_dim: Optional[int] = None,
+    operating_point: Optional[str] = None,
 ) -> VeniceGate:
     """Load a Venice-H1 gate checkpoint, in eval mode, with weights in the file's dtype.
+
+    A `.safetensors` + `.json` pair whose format is `deris-rerank-calibrated` gives a
+    `deris_rerank.calibrated.CalibratedReranker` instead (same `decide`, plus the expression's
+    `TextContext`); `operating_point` picks one of its stored operating points (e.g. "conservative").
 
     `path`: a Venice-H1 `.pt`/`.pth` file (released: `{model, config}` or `{model, tau, ...}`;
     packaged: `{model, config: {model: ...}}`), read with `weights_only=True`; or our own
@@ -398,6 +410,8 @@ def load_gate(
         weights_path, sidecar_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
         state = read_safetensors(weights_path, "gate weights")
         sidecar = read_json(sidecar_path, "gate settings")
+        if sidecar.get("format") == CALIBRATED_FORMAT_NAME:
+            return _load_calibrated(state, sidecar, weights_path, overrides, query_dim, operating_point, device)
         check_format(sidecar, FORMAT_NAME, FORMAT_VERSION, sidecar_path)
         config = _config_from_state_dict(state, sidecar.get("config", {}), weights_path)
         rule = _rule_from_settings(config.flavour, sidecar.get("rule", {}), overrides, sidecar_path)
@@ -407,6 +421,8 @@ def load_gate(
         settings = _find_settings(checkpoint)
         config = _config_from_state_dict(state, settings, path)
         rule = _rule_from_settings(config.flavour, settings, overrides, path)
+    if operating_point is not None:
+        raise CheckpointError(f"{path} is a Venice-H1 gate: it has no named operating points (use tau=...)")
     if query_dim is not None and query_dim != config.query_dim:
         raise CheckpointError(
             f"{path} was trained on query embeddings of size {config.query_dim}, "
@@ -414,6 +430,19 @@ def load_gate(
         )
     gate = _build(config, rule, state, path)
     return gate.to(device) if device is not None else gate
+
+
+def _load_calibrated(state, sidecar, path: Path, overrides, query_dim, operating_point, device):
+    """A calibrated re-ranker's files (imported here: that module builds on this one)."""
+    from .calibrated import calibrated_from_files
+
+    reranker = calibrated_from_files(state, sidecar, path, overrides, operating_point)
+    if query_dim is not None and query_dim != reranker.config.query_dim:
+        raise CheckpointError(
+            f"{path} was trained on DeRIS embeddings of size {reranker.config.query_dim}, "
+            f"but this DeRIS model produces {query_dim}; use a re-ranker trained for this model"
+        )
+    return reranker.to(device) if device is not None else reranker
 
 
 def save_gate(gate: VeniceGate, path: str | os.PathLike) -> Path:

@@ -351,10 +351,15 @@ class Pipeline:
                 stats, grids = candidates.gate_features()
             with timer("gate"):
                 if self.gate is not None:
-                    decision = self.gate.decide(candidates.query_embed.float(), candidates.scores.float(), stats, grids)
+                    inputs = (candidates.query_embed.float(), candidates.scores.float(), stats, grids)
+                    text = {"text": candidates.text} if self.gate.reads_text else {}
+                    decision = self.gate.decide(*inputs, **text)
                     selected, p_fail = decision.selected, decision.p_fail.tolist()
+                    rerank = decision.rank.float().cpu()
+                    calibrated = None if decision.calibrated is None else decision.calibrated.float().cpu()
                 else:
                     selected, p_fail = candidates.default_index, [None] * count
+                    rerank = calibrated = None
             with timer("postprocess"):
                 binary = candidates.binary_masks(self.config.mask_threshold).cpu()
                 answers = candidates.answer_mask(self.config.score_threshold).cpu()
@@ -382,6 +387,8 @@ class Pipeline:
                 unknown_words=list(batch.text_notes[b].unknown_words),
                 truncated_to_tokens=batch.text_notes[b].kept_tokens if batch.text_notes[b].truncated else None,
                 embedded_default=self.is_embedded_default,
+                rerank_scores=None if rerank is None else rerank[b, order[b]].tolist(),
+                calibrated_scores=None if calibrated is None else calibrated[b, order[b]].tolist(),
                 image=batch.images[b],
                 _candidate_masks=_LazyMasks(binary[b, order[b]], size),
             )

@@ -25,7 +25,10 @@ class Result:
     `deris_mask` is DeRIS's own answer as its post-processing defines it (union of the
     candidates with score > threshold); `default_mask` is Query-0's own mask. `timings` are
     milliseconds per stage; stages shared by several pairs (decoding, image features, batched
-    model runs) are split evenly. `unknown_words` are the expression's words outside the
+    model runs) are split evenly. `rerank_scores` (in the order of `scores`) is what the
+    re-ranker ranked by: a calibrated re-ranker's fused logits, a Venice-H1 gate's predicted
+    gain over Query-0 (None without a gate); `calibrated_scores` the calibrated re-ranker's
+    candidate-text logits alone. `unknown_words` are the expression's words outside the
     tokenizer's vocabulary, `truncated_to_tokens` the number of tokens kept when the text was too
     long (else None), `embedded_default` whether the RefShapes-only default model answered;
     `notes` says all of these (and an empty mask) in words.
@@ -45,6 +48,8 @@ class Result:
     unknown_words: List[str] = field(default_factory=list)
     truncated_to_tokens: Optional[int] = None
     embedded_default: bool = False
+    rerank_scores: Optional[List[float]] = None
+    calibrated_scores: Optional[List[float]] = None
     image: Optional[np.ndarray] = field(default=None, repr=False)
     _candidate_masks: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
 
@@ -102,6 +107,8 @@ class Result:
             "switched": self.switched,
             "p_fail": self.p_fail,
             "scores": self.scores,
+            "rerank_scores": self.rerank_scores,
+            "calibrated_scores": self.calibrated_scores,
             "slots": self.slots,
             "existence": self.existence,
             "mask_area": int(self.mask.sum()),

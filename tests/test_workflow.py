@@ -55,6 +55,26 @@ def test_cache_fields_and_ious_match_a_direct_computation(caches, tiny_model_dir
     assert np.allclose(tensors["det_scores"][2], batch.candidates.scores[row].numpy(), atol=1e-6)
 
 
+def test_cache_holds_the_text_aware_fields(caches, tiny_model_dir):
+    tensors, _, _ = read_cache([caches / "val"])
+    p, t = len(tensors["det_scores"]), 20
+    assert tensors["refer_logits"].shape == (p, 10, 2) and tensors["cognition_feat"].shape == (p, 10, 64)
+    assert tensors["text_feat"].shape == (p, t, 64) and tensors["text_padding"].shape == (p, t)
+    logits = torch.from_numpy(tensors["refer_logits"])
+    assert np.allclose(logits.softmax(-1)[..., 0].numpy(), tensors["det_scores"], atol=1e-6)
+    keep = 1.0 - tensors["text_padding"].astype(np.float32)
+    assert (keep.sum(1) >= 1).all() and (keep[:, 0] == 1).all()  # every expression has tokens, left-aligned
+    pooled = (tensors["text_feat"] * keep[..., None]).sum(1) / keep.sum(1, keepdims=True)
+    assert np.allclose(tensors["text_pooled"], pooled, atol=1e-5)
+    # the same tensors as the model's own outputs for pair 0
+    samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
+    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu")
+    text = next(pipe.iter_candidates([(samples[0].image, samples[0].text)])).candidates.text
+    assert np.allclose(tensors["cognition_feat"][0], text.cognition_embed[0].numpy(), atol=1e-6)
+    assert np.allclose(tensors["text_feat"][0], text.text_feat[0].numpy(), atol=1e-6)
+    assert tensors["text_padding"][0].tolist() == text.text_padding[0].int().tolist()
+
+
 def test_extract_resumes_and_splits_work_between_workers(caches, tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert extract(tiny_model_dir, caches, "train", 10, 1, "--shard-size", "8") == 0
@@ -146,3 +166,63 @@ def test_extract_refuses_to_mix_shards_of_other_settings_or_data(tiny_model_dir,
     _, ids, provenance = read_cache([tmp_path / "train"])
     assert ids == [s.id for s in RefShapes("train", num_images=4, seed=2)]
     assert len(provenance) == 1 and provenance[0]["source"]["refshapes"]["seed"] == 2
+def test_calibrated_reranker_trains_evaluates_and_runs_in_the_pipeline(caches, tiny_model_dir, tmp_path, capsys):
+    from deris_rerank.calibrated import CalibratedReranker
+
+    args = ["train-gate", "--arch", "calibrated", "--train", str(caches / "train"), "--tune", str(caches / "tune"),
+            "--device", "cpu", "--quiet", *SMALL]
+    assert cli.main([*args, "--out", str(tmp_path / "cal")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["operating_points"]) == {"tuned", "conservative"} and out["rule"] == out["operating_points"]["tuned"]
+    assert out["tuned_tune_harmful"] <= 5.0 and out["conservative_tune_harmful"] <= 1.0
+    sidecar = json.loads((tmp_path / "cal.json").read_text())
+    assert sidecar["format"] == "deris-rerank-calibrated" and sidecar["training"]["hidden_dim"] == 32
+    reranker = load_gate(tmp_path / "cal.safetensors")
+    assert isinstance(reranker, CalibratedReranker) and reranker.config.hidden_dim == 32
+    assert cli.main(["evaluate", "--cache", str(caches / "val"), "--gate", str(tmp_path / "cal.safetensors"),
+                     "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["protocol"]["gate"]["flavour"] == "calibrated" and "failure_auc" in report["overall"]
+    # the pipeline passes the expression's features on, and decides as the cache-based evaluation does
+    samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
+    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=tmp_path / "cal.safetensors", device="cpu", tau=0.0)
+    results = pipe.batch([(s.image, s.text) for s in samples][:4])
+    data = load_gate_data([caches / "val"])
+    decision = load_gate(tmp_path / "cal.safetensors", tau=0.0).decide(
+        data.query_feat[:4], data.scores[:4], data.mask_stats[:4], data.grid[:4], text=data.text.select(slice(0, 4)))
+    assert [r.switched for r in results] == decision.switched.tolist()
+    assert np.allclose([r.p_fail for r in results], decision.p_fail.numpy(), atol=1e-4)
+    for b, r in enumerate(results):  # the explanation: scores by rank, as the decision's per-slot values
+        assert np.allclose(r.calibrated_scores, decision.calibrated[b, r.slots].numpy(), atol=1e-4)
+        assert np.allclose(r.rerank_scores, decision.rank[b, r.slots].numpy(), atol=1e-4) and r.rerank_scores[0] == 0
+        assert r.to_json()["calibrated_scores"] == r.calibrated_scores
+
+
+def test_text_aware_training_on_an_old_cache_fails_with_one_line(caches, tmp_path, capsys):
+    from deris_rerank.workflow.cache import write_shard
+    from deris_rerank.workflow.train_gate import CACHE_TEXT_FIELDS
+
+    tensors, ids, provenance = read_cache([caches / "train"])
+    old = {k: torch.from_numpy(v) for k, v in tensors.items() if k not in (*CACHE_TEXT_FIELDS, "text_pooled")}
+    write_shard(tmp_path / "old" / "shard_00000.safetensors", old, ids, provenance[0])
+    assert load_gate_data([tmp_path / "old"]).text is None  # still readable (the Venice-H1 gate trains on it)
+    code = cli.main(["train-gate", "--arch", "calibrated", "--train", str(tmp_path / "old"), "--tune", str(caches / "tune"),
+                     "--out", str(tmp_path / "cal"), "--device", "cpu", "--quiet", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and "lacks the text-aware fields" in err and "re-extract" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_with_several_gates_writes_the_ablation_table(caches, tmp_path, capsys):
+    common = ["--train", str(caches / "train"), "--tune", str(caches / "tune"), "--device", "cpu", "--quiet", *SMALL]
+    assert cli.main(["train-gate", *common, "--out", str(tmp_path / "venice")]) == 0
+    assert cli.main(["train-gate", "--arch", "calibrated", *common, "--out", str(tmp_path / "cal")]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--cache", str(caches / "val"), "--gate", str(tmp_path / "venice.safetensors"),
+                     str(tmp_path / "cal.safetensors"), "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "ablation.md").read_text()
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0] == "re-ranker" and rows[1] == "Query-0 (DeRIS)" and rows[2] == "venice" and rows[-1] == "oracle"
+    assert "cal" in rows and table.split("\n\n", 1)[1] in capsys.readouterr().out
+    data = load_gate_data([caches / "val"])
+    q0 = 100 * float(data.ious[torch.arange(len(data)), data.default_index].mean())
+    assert f"| Query-0 (DeRIS) | {q0:.2f} |" in table

@@ -8,7 +8,12 @@ named as in the Venice-H1 caches so their tools can read ours:
   mask_mean / mask_max / mask_area / mask_std [M, N]
   grid_mean_G / grid_max_G [M, N, G*G] and boundary_G [M, N] for G = 4, 8, 16
 plus ours: query_inter / query_union [M, N] (int64 pixel counts, for cumulative IoU),
-union_iou [M], union_inter / union_union [M] (DeRIS's own answer), existence [M].
+union_iou [M], union_inter / union_union [M] (DeRIS's own answer), existence [M];
+and for text-aware re-rankers (caches written before these existed lack them):
+refer_logits [M, N, K] (DeRIS's raw referring logits), cognition_feat [M, N, D] (the
+cognition branch's per-candidate embeddings), text_feat [M, T, D] (the expression's cognition
+token features, T = the model's max_tokens), text_padding [M, T] (uint8, 1 = padding) and
+text_pooled [M, D] (mean of text_feat over the non-padding tokens).
 The shard's safetensors metadata holds `ids` (JSON list, one per pair) and `provenance`
 (JSON: checkpoint hash, config, package version, IoU protocol, query source).
 """

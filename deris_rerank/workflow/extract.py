@@ -2,7 +2,9 @@
 
 Per pair: the candidates' query embeddings, referring scores (slot order), 4 mask statistics,
 9 grid-signature fields, the IoU of every candidate with the ground truth, the oracle slot,
-and DeRIS's own answer's IoU (see `cache.py` for the fields).
+and DeRIS's own answer's IoU; and, for text-aware re-rankers, DeRIS's raw referring logits,
+the cognition embeddings and the expression's token features, padding and pooled mean (see
+`cache.py` for the fields).
 
 IoU protocols: "384" (default, as DeRIS's own evaluation): candidate masks binarised at the
 perception size (sigmoid >= 0.5), ground truth resized there with nearest; "original": the
@@ -69,6 +71,15 @@ def pair_features(batch: CandidateBatch, targets: List[np.ndarray], config, prot
         "union_union": torch.stack([o[1][2] for o in overlaps]),
         "existence": candidates.existence.float().cpu(),
     }
+    if candidates.text is not None:
+        text = candidates.text
+        fields.update({
+            "refer_logits": text.refer_logits.float().cpu(),
+            "cognition_feat": text.cognition_embed.float().cpu(),
+            "text_feat": text.text_feat.float().cpu(),
+            "text_padding": text.text_padding.to(torch.uint8).cpu(),
+            "text_pooled": text.pooled.float().cpu(),
+        })
     fields["oracle_idx"] = fields["query_ious"].argmax(dim=1)
     fields.update({name: stats[..., k].float().cpu() for k, name in enumerate(MASK_STAT_NAMES)})
     fields.update({name: value.float().cpu() for name, value in split_grid_signature(grids).items()})

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
 from ..gate import RELEASED, DecisionRule, GateConfig, ReleasedGate, VeniceGate, apply_rule
 from ..signatures import GRID_FIELDS, GRID_SIZES, MASK_STAT_NAMES
+from ..text_context import TextContext
 from .cache import read_cache
 
 FEATURE_SETS = {"full": GRID_SIZES, "base": (), "grid4": (4,), "grid8": (8,), "grid16": (16,)}
@@ -38,7 +38,8 @@ class GateData:
 
     query_feat [P, N, D], scores [P, N], mask_stats [P, N, 4], grid [P, N, 675], ious [P, N],
     inter / union [P, N] int64 counts, union_iou [P] (DeRIS's own answer), ids (P strings),
-    splits (P split names).
+    splits (P split names); text: the text-aware fields (`TextContext` of [P, ...] tensors)
+    when every cache holds them, else None (caches written before they existed).
     """
 
     query_feat: torch.Tensor
@@ -52,6 +53,17 @@ class GateData:
     ids: List[str]
     splits: List[str]
     provenance: List[dict] = field(default_factory=list)
+    text: Optional[TextContext] = None
+
+    def require_text(self) -> TextContext:
+        """The text-aware fields, or a one-line InputError naming the caches that lack them."""
+        if self.text is None:
+            splits = ", ".join(dict.fromkeys(self.splits))
+            raise InputError(
+                f"cache {splits} lacks the text-aware fields ({', '.join(CACHE_TEXT_FIELDS)}) that the calibrated "
+                "re-ranker reads: re-extract it with this version's `deris-rerank extract`"
+            )
+        return self.text
 
     @property
     def default_index(self) -> torch.Tensor:
@@ -90,15 +102,28 @@ def load_gate_data(paths: Sequence[Path]) -> GateData:
                 ids=ids,
                 splits=[path.name] * len(ids),
                 provenance=provenance,
+                text=_text_context(t),
             )
         )
-    tensor_fields = [f.name for f in dataclasses.fields(GateData) if f.name not in ("ids", "splits", "provenance")]
+    tensor_fields = [f.name for f in dataclasses.fields(GateData) if f.name not in ("ids", "splits", "provenance", "text")]
+    texts = [p.text for p in parts]
     return GateData(
         **{name: torch.cat([getattr(p, name) for p in parts]) for name in tensor_fields},
         ids=[i for p in parts for i in p.ids],
         splits=[s for p in parts for s in p.splits],
         provenance=[r for p in parts for r in p.provenance],
+        text=None if any(t is None for t in texts) else TextContext(*(torch.cat(f) for f in zip(*texts))),
     )
+
+
+CACHE_TEXT_FIELDS = ("refer_logits", "cognition_feat", "text_feat", "text_padding")
+
+
+def _text_context(t: Dict[str, torch.Tensor]) -> Optional[TextContext]:
+    """The cache's text-aware fields as a TextContext (float32, bool padding), or None if any is missing."""
+    if not all(name in t for name in CACHE_TEXT_FIELDS):
+        return None
+    return TextContext(t["refer_logits"].float(), t["cognition_feat"].float(), t["text_feat"].float(), t["text_padding"].bool())
 
 
 @dataclass
@@ -160,15 +185,20 @@ def build_gate(data: GateData, settings: TrainSettings) -> VeniceGate:
 
 
 def gate_outputs(gate: VeniceGate, data: GateData, batch_size: int = 4096) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(default_index [P], p_fail_logit [P], gain [P, N]) of the gate in eval mode, on CPU."""
+    """(default_index [P], p_fail_logit [P], gain [P, N]) of the gate in eval mode, on CPU.
+
+    For a text-aware re-ranker (`reads_text`), `gain` is its fused logit per candidate.
+    """
     device = next(gate.parameters()).device
     gate.eval()
     outs = []
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             rows = slice(start, start + batch_size)
-            inputs = (data.query_feat[rows], data.scores[rows], data.mask_stats[rows], data.grid[rows])
-            default_index, logit, gain = gate(*(x.to(device) for x in inputs))
+            inputs = [x.to(device) for x in (data.query_feat[rows], data.scores[rows], data.mask_stats[rows], data.grid[rows])]
+            if gate.reads_text:
+                inputs.append(data.require_text().select(rows).to(device))
+            default_index, logit, gain = gate(*inputs)[:3]
             outs.append([default_index.cpu(), logit.float().cpu(), gain.float().cpu()])
     return tuple(torch.cat([o[k] for o in outs]) for k in range(3))
 

@@ -1,0 +1,194 @@
+"""`deris-rerank train-gate --arch calibrated`: train the calibrated re-ranker on feature caches.
+
+Recipe (every knob a flag): AdamW (the two fusion weights without weight decay and at
+`fusion_lr_scale` x the learning rate: Adam moves a scalar by about lr per step, too slowly for
+a weight that starts at 0 and must reach ~1), linear warm-up
+then cosine decay to 0, seeded and deterministic on CPU. Loss per pair:
+  listwise cross-entropy of the fused logits toward soft targets softmax(IoU / target_temperature)
+  (one-hot on the best-IoU candidate when target_temperature = 0),
+  + aux_weight x the same on the calibrated logits alone (so the calibration learns while the
+    fusion weight is still near its initial 0),
+  + failure_weight x BCE of p_fail against the failure flag (some candidate beats Query-0).
+
+Operating points are picked on the tuning caches only, over tau in 0.00 ... 0.99 and the
+fused-logit margin in MARGIN_GRID (tau also 0.995, 0.999): "tuned" maximises the mIoU gain (delta_full) with at most
+`max_harmful` % harmful switches, "conservative" the same with at most `conservative_harmful` %;
+ties go to the larger margin, then the larger tau. The tuned point is the saved rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..calibrated import CalibratedConfig, CalibratedReranker
+from ..gate import DecisionRule, apply_rule
+from ..workflow.metrics import HARM_MARGIN
+from .train_gate import TAU_GRID, GateData, gate_outputs
+
+MARGIN_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+CALIBRATED_TAU_GRID = TAU_GRID + (0.995, 0.999)  # a conservative point may need p_fail very near 1
+
+
+@dataclass
+class CalibratedSettings:
+    """Every knob of the calibrated recipe. The first ten share their flags with the Venice-H1 recipe."""
+
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 512
+    epochs: int = 20
+    warmup_epochs: int = 3
+    seed: int = 42
+    hidden_dim: int = 512
+    n_layers: int = 3
+    n_heads: int = 8
+    dropout: float = 0.1
+    target_temperature: float = 0.05
+    aux_weight: float = 0.5
+    failure_weight: float = 1.0
+    fusion_lr_scale: float = 20.0
+    text: bool = True
+    fusion: str = "learned"
+    geometry: bool = False
+    max_harmful: float = 5.0
+    conservative_harmful: float = 1.0
+
+
+SHARED_SETTINGS = ("lr", "weight_decay", "batch_size", "epochs", "warmup_epochs", "seed", "hidden_dim", "n_layers", "n_heads", "dropout")
+
+
+def listwise_targets(ious: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, N] target distribution over candidates from their IoUs [B, N]: softmax(IoU / temperature),
+    or one-hot on the best (first best on ties) when temperature is 0."""
+    if temperature > 0:
+        return (ious / temperature).softmax(dim=-1)
+    return F.one_hot(ious.argmax(dim=-1), ious.shape[-1]).to(ious.dtype)
+
+
+def listwise_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits [B, N] toward target distributions [B, N], averaged over B."""
+    return -(targets * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+
+
+def build_reranker(data: GateData, settings: CalibratedSettings) -> CalibratedReranker:
+    """An untrained re-ranker sized for `data` (which must hold the text-aware fields)."""
+    text = data.require_text()
+    config = CalibratedConfig(
+        query_dim=data.query_feat.shape[-1],
+        text_dim=text.text_feat.shape[-1],
+        n_classes=text.refer_logits.shape[-1],
+        hidden_dim=settings.hidden_dim,
+        n_layers=settings.n_layers,
+        n_heads=settings.n_heads,
+        n_queries=data.query_feat.shape[1],
+        dropout=settings.dropout,
+        use_text=settings.text,
+        fusion=settings.fusion,
+        geometry=settings.geometry,
+    )
+    return CalibratedReranker(config, DecisionRule(tau=0.5, margin_pred=0.0))
+
+
+def _lr_factor(step: int, steps_per_epoch: int, settings: CalibratedSettings) -> float:
+    warmup, total = settings.warmup_epochs * steps_per_epoch, settings.epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_calibrated(
+    train: GateData,
+    settings: CalibratedSettings,
+    device: torch.device | str = "cpu",
+    log: Callable[[str], None] = print,
+    monitor: Optional[GateData] = None,
+) -> CalibratedReranker:
+    """Train a calibrated re-ranker on `train` (no operating-point tuning: see `choose_operating_points`).
+
+    monitor: optional data (the tuning split) whose argmax-fused mIoU gain is logged each epoch
+    (for watching only: nothing is chosen from it here).
+    """
+    device = torch.device(device)
+    torch.manual_seed(settings.seed)
+    text = train.require_text()
+    reranker = build_reranker(train, settings).to(device)
+    fusion = [reranker.fusion_deris, reranker.fusion_calibrated]
+    others = [p for p in reranker.parameters() if all(p is not f for f in fusion)]
+    optimizer = torch.optim.AdamW(
+        [{"params": others, "weight_decay": settings.weight_decay, "lr": settings.lr},
+         {"params": fusion, "weight_decay": 0.0, "lr": settings.lr * settings.fusion_lr_scale}],
+        lr=settings.lr,
+    )
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps_per_epoch, settings))
+    shuffle = torch.Generator().manual_seed(settings.seed)
+    failure = train.failure.float()
+    targets = listwise_targets(train.ious, settings.target_temperature)
+    log(f"training the calibrated re-ranker on {len(train)} pairs ({int(failure.sum())} failures), "
+        f"{settings.epochs} epochs of {steps_per_epoch} steps on {device}")
+    for epoch in range(settings.epochs):
+        reranker.train()
+        totals = {"loss": 0.0, "rank": 0.0, "aux": 0.0, "fail": 0.0}
+        for rows in torch.randperm(len(train), generator=shuffle).split(settings.batch_size):
+            inputs = [x[rows].to(device) for x in (train.query_feat, train.scores, train.mask_stats, train.grid)]
+            _, p_fail_logit, fused, calibrated = reranker(*inputs, text.select(rows).to(device))
+            target = targets[rows].to(device)
+            rank_loss = listwise_loss(fused, target)
+            aux_loss = listwise_loss(calibrated, target)
+            fail_loss = F.binary_cross_entropy_with_logits(p_fail_logit, failure[rows].to(device))
+            loss = rank_loss + settings.aux_weight * aux_loss + settings.failure_weight * fail_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for key, value in (("loss", loss), ("rank", rank_loss), ("aux", aux_loss), ("fail", fail_loss)):
+                totals[key] += float(value.detach()) * len(rows)
+        line = f"epoch {epoch + 1}/{settings.epochs}: " + ", ".join(f"{k} {v / len(train):.4f}" for k, v in totals.items())
+        line += f", fusion w_deris {float(reranker.fusion_deris.detach()):.3f} w_cal {float(reranker.fusion_calibrated.detach()):.3f}"
+        if monitor is not None:
+            default_index, _, fused = gate_outputs(reranker, monitor)
+            rows = torch.arange(len(monitor))
+            gain = monitor.ious[rows, fused.argmax(dim=1)] - monitor.ious[rows, default_index]
+            line += f", monitor argmax delta {100 * float(gain.mean()):+.2f}"
+        log(line)
+    return reranker.eval()
+
+
+def rule_metrics(data: GateData, selected: torch.Tensor) -> Tuple[float, float, float]:
+    """(delta_full, harmful %, switch %) of choosing `selected` [P] instead of Query-0 on `data`."""
+    rows = torch.arange(len(data))
+    q0, chosen = data.ious[rows, data.default_index], data.ious[rows, selected]
+    switched = selected != data.default_index
+    harmful = switched & (chosen < q0 - HARM_MARGIN)
+    return float(100 * (chosen - q0).mean()), float(100 * harmful.float().mean()), float(100 * switched.float().mean())
+
+
+def choose_operating_points(
+    reranker: CalibratedReranker, tune: GateData, settings: CalibratedSettings
+) -> Tuple[DecisionRule, Dict[str, DecisionRule], Dict[str, float]]:
+    """(tuned rule, {"tuned", "conservative"} rules, their tuning-split figures), picked on `tune` only."""
+    outputs = gate_outputs(reranker, tune)
+    budgets = {"tuned": settings.max_harmful, "conservative": settings.conservative_harmful}
+    best: Dict[str, Tuple[float, DecisionRule, Tuple[float, float, float]]] = {}
+    for margin in MARGIN_GRID:
+        for tau in CALIBRATED_TAU_GRID:
+            rule = DecisionRule(tau=tau, margin_pred=margin)
+            figures = rule_metrics(tune, apply_rule(rule, *outputs).selected)
+            for name, budget in budgets.items():
+                if figures[1] <= budget and (name not in best or figures[0] >= best[name][0] - 1e-12):
+                    best[name] = (figures[0], rule, figures)
+    points = {name: found[1] for name, found in best.items()}
+    report = {"tune_pairs": len(tune)}
+    for name, (_, _, (delta, harm, switch)) in best.items():
+        report.update({f"{name}_tune_delta_full": delta, f"{name}_tune_harmful": harm, f"{name}_tune_switch": switch})
+    return points.get("tuned", DecisionRule(tau=1.0, margin_pred=0.0)), points, report
+
+
+def settings_record(settings: CalibratedSettings) -> Dict[str, object]:
+    """The training settings as saved beside the weights."""
+    return {"training": dataclasses.asdict(settings)}
