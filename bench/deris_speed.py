@@ -1,13 +1,19 @@
-"""Time each DeRIS stage with random weights and report peak memory.
+"""Time each DeRIS stage with random weights, float32 and a fast mode side by side, with peak memory.
 
     python bench/deris_speed.py --preset deris-l-refcoco --batch 1 8
-    python bench/deris_speed.py --preset deris-b-refcoco --device cuda --dtype bfloat16
+    python bench/deris_speed.py --preset deris-l-refcoco --batch 1 --dtypes float32 bfloat16 --repeats 5
+    python bench/deris_speed.py --preset deris-b-refcoco --device cuda --dtypes float32 bfloat16
 
 Stages: preprocess (cv2 decode + both resizes + normalise, per image), swin, pixel_decoder,
 beit3 (incl. projections), decoder (4 loopback rounds), aligner, upsample (stride-4 -> 384 logits)
-and postprocess (DeRIS's own answer mask at the original size). Prints a Markdown table and,
-with --json, writes the numbers. Peak memory: process peak RSS on CPU (getrusage), peak
-allocated CUDA memory on GPU. Timings are medians over --repeats runs after one warm-up.
+and postprocess (DeRIS's own answer mask at the original size). The model is float32; each
+dtype after the first runs as the pipeline runs it (autocast), and the dtypes alternate call by
+call so that both see the same machine state. Prints, per batch size and dtype, the median
+(min, max) ms per pair, each stage's median and the ratio to the first dtype, and for every
+further dtype its agreement with the first on the same input: the share of mask pixels
+binarised differently and the largest referring-score difference. With --json, writes the
+numbers. Peak memory: process peak RSS on CPU (getrusage), peak allocated CUDA memory on GPU.
+Timings are over --repeats calls per dtype after one warm-up each.
 """
 from __future__ import annotations
 
@@ -24,12 +30,13 @@ import cv2
 import numpy as np
 import torch
 
+from deris_rerank.candidates import deris_answer_mask
 from deris_rerank.deris.config import DerisConfig
 from deris_rerank.deris.model import DerisModel
-from deris_rerank.candidates import deris_answer_mask
+from deris_rerank.devices import precision, resolve_dtype
 from deris_rerank.images import load_image
-from deris_rerank.transforms import prepare_images, resize_mask_nearest
 from deris_rerank.timing import StageTimer
+from deris_rerank.transforms import prepare_images, resize_mask_nearest
 
 STAGES = ("preprocess", "swin", "pixel_decoder", "beit3", "decoder", "aligner", "upsample", "postprocess")
 
@@ -49,42 +56,57 @@ def weights_gib(model: torch.nn.Module) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
 
 
-def one_run(model, config, image_path, batch, device, dtype) -> StageTimer:
+def one_run(model, config, image_path, batch, device, autocast_dtype):
+    """(stage timer, outputs) of one call on `batch` copies of the image."""
     timer = StageTimer(device)
     with timer("preprocess"):
         pairs = [prepare_images(load_image(image_path), config.image_size, config.image_size_lo) for _ in range(batch)]
-        image_hi = torch.stack([p[0] for p in pairs]).to(device, dtype)
-        image_lo = torch.stack([p[1] for p in pairs]).to(device, dtype)
-    tokens = torch.randint(4, 1000, (batch, config.max_tokens), device=device)
+        image_hi = torch.stack([p[0] for p in pairs]).to(device)
+        image_lo = torch.stack([p[1] for p in pairs]).to(device)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, min(1000, config.beit3.vocab_size - 1), (batch, config.max_tokens), generator=generator).to(device)
     padding = torch.zeros(batch, config.max_tokens, dtype=torch.long, device=device)
     padding[:, 12:] = 1
     tokens[:, 11] = 2
-    out = model(image_hi, image_lo, tokens, padding, timer=timer)
+    with precision(device, autocast_dtype):
+        out = model(image_hi, image_lo, tokens, padding, timer=timer)
     with timer("postprocess"):
         answer = deris_answer_mask(out.mask_logits, out.scores, config.score_threshold)
         resize_mask_nearest(answer.cpu(), (480, 640))
-    return timer
+    return timer, out
+
+
+def agreement(reference, other) -> dict:
+    """Share of mask pixels binarised differently (logit >= 0) and the largest score difference."""
+    masks = (reference.mask_logits.float() >= 0) != (other.mask_logits.float() >= 0)
+    return {
+        "mask_pixels_differing": float(masks.float().mean()),
+        "max_score_diff": float((reference.scores.float() - other.scores.float()).abs().max()),
+        "same_top_candidate": bool((reference.scores.argmax(-1) == other.scores.argmax(-1)).all()),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="deris-l-refcoco")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per dtype and batch size")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
+                        help="the first is the reference; the others run as autocast")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    autocast = {name: resolve_dtype(name, device) for name in args.dtypes}
     config = DerisConfig.preset(args.preset)
 
     rss_before = peak_rss_gib()
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = DerisModel(config).to(device, dtype).eval()
+    model = DerisModel(config).to(device).eval()
     build_s = time.perf_counter() - start
     build = {"seconds": build_s, "weights_gib": weights_gib(model), "peak_rss_gib": peak_rss_gib(), "rss_before_gib": rss_before}
 
@@ -97,12 +119,27 @@ def main() -> int:
         for batch in args.batch:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            one_run(model, config, image_path, batch, device, dtype)  # warm-up
-            runs = [one_run(model, config, image_path, batch, device, dtype).ms for _ in range(args.repeats)]
-            median = {s: statistics.median(r.get(s, 0.0) for r in runs) for s in STAGES}
-            total = statistics.median(sum(r.values()) for r in runs)
+            outputs = {name: one_run(model, config, image_path, batch, device, autocast[name])[1] for name in args.dtypes}
+            runs = {name: [] for name in args.dtypes}
+            for _ in range(args.repeats):
+                for name in args.dtypes:  # alternate, so that both dtypes see the same machine state
+                    runs[name].append(one_run(model, config, image_path, batch, device, autocast[name])[0].ms)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
-            results.append({"batch": batch, "stage_ms": median, "total_ms": total, "ms_per_pair": total / batch, "peak_gib": peak})
+            reference = None
+            for name in args.dtypes:
+                per_pair = [sum(r.values()) / batch for r in runs[name]]
+                row = {
+                    "batch": batch, "dtype": name,
+                    "stage_ms": {s: statistics.median(r.get(s, 0.0) for r in runs[name]) for s in STAGES},
+                    "ms_per_pair": statistics.median(per_pair), "min_ms_per_pair": min(per_pair),
+                    "max_ms_per_pair": max(per_pair), "peak_gib": peak,
+                }
+                if reference is None:
+                    reference = row
+                else:
+                    row["ratio_to_first"] = row["ms_per_pair"] / reference["ms_per_pair"]
+                    row["agreement_with_first"] = agreement(outputs[args.dtypes[0]], outputs[name])
+                results.append(row)
 
     machine = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
@@ -110,15 +147,24 @@ def main() -> int:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
-    print(f"# {args.preset}, {args.dtype}, {args.device} ({machine['device']}, {machine['threads']} threads, torch {machine['torch']})")
+    print(f"# {args.preset}, {args.device} ({machine['device']}, {machine['threads']} threads, torch {machine['torch']}), "
+          f"{args.repeats} alternating calls per dtype")
     print(f"built in {build_s:.1f} s; weights {build['weights_gib']:.2f} GiB; peak RSS after build {build['peak_rss_gib']:.2f} GiB")
-    print("| batch | " + " | ".join(STAGES) + " | total ms | ms/pair | peak GiB |")
-    print("|---" * (len(STAGES) + 4) + "|")
+    print("| batch | dtype | " + " | ".join(STAGES) + " (ms per pair) | ms/pair median (min-max) | ratio | peak GiB |")
+    print("|---" * (len(STAGES) + 5) + "|")
     for r in results:
-        cells = " | ".join(f"{r['stage_ms'][s]:.0f}" for s in STAGES)
-        print(f"| {r['batch']} | {cells} | {r['total_ms']:.0f} | {r['ms_per_pair']:.0f} | {r['peak_gib']:.2f} |")
+        cells = " | ".join(f"{r['stage_ms'][s] / r['batch']:.0f}" for s in STAGES)
+        ratio = f"{r['ratio_to_first']:.2f}" if "ratio_to_first" in r else "1"
+        print(f"| {r['batch']} | {r['dtype']} | {cells} | {r['ms_per_pair']:.0f} ({r['min_ms_per_pair']:.0f}-"
+              f"{r['max_ms_per_pair']:.0f}) | {ratio} | {r['peak_gib']:.2f} |")
+    for r in results:
+        if "agreement_with_first" in r:
+            a = r["agreement_with_first"]
+            print(f"batch {r['batch']} {r['dtype']} vs {args.dtypes[0]}: {100 * a['mask_pixels_differing']:.3f}% of mask pixels "
+                  f"binarised differently, largest score difference {a['max_score_diff']:.4f}, same top candidate: "
+                  f"{a['same_top_candidate']}")
     if args.json:
-        args.json.write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "machine": machine, "build": build, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"preset": args.preset, "machine": machine, "build": build, "results": results}, indent=2))
     return 0
 
 

@@ -45,7 +45,7 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-gate", action="store_true", help="do not re-rank: DeRIS's own first choice")
     group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="bfloat16/float16 run as CUDA autocast")
+                       help="float32 (default), or autocast in bfloat16 (CUDA or CPU) or float16 (CUDA): faster, slightly different numbers")
     group.add_argument("--tau", type=float, help="override the gate's failure threshold")
 
 

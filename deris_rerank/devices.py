@@ -1,4 +1,7 @@
-"""Device and precision settings: "auto" -> CUDA when available; float32, or bfloat16/float16 autocast."""
+"""Device and precision settings: "auto" -> CUDA when available; float32, or a reduced-precision
+autocast (bfloat16 or float16 on CUDA; bfloat16 on the CPU, where oneDNN runs bfloat16 matmuls
+with AVX-512 BF16/AMX when the processor has them). The model keeps softmaxes, deformable
+sampling and mask upsampling in float32 under autocast, and the signatures and gate run in float32."""
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -25,14 +28,14 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
 
 
 def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> Optional[torch.dtype]:
-    """None/float32 -> None (plain float32); bfloat16/float16 -> the autocast dtype (CUDA only)."""
+    """None/float32 -> None (plain float32); bfloat16/float16 -> the autocast dtype (float16 on CUDA only)."""
     if dtype is None or dtype in ("float32", "fp32", torch.float32):
         return None
     resolved = LOW_PRECISION.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if resolved not in (torch.bfloat16, torch.float16):
         raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    if device.type != "cuda":
-        raise InputError(f"dtype {dtype} runs as CUDA autocast; on {device.type} use float32")
+    if resolved == torch.float16 and device.type != "cuda":
+        raise InputError(f"dtype float16 runs as CUDA autocast; on {device.type} use float32 or bfloat16")
     return resolved
 
 

@@ -198,11 +198,16 @@ def test_without_a_gate_the_answer_is_query_0(tiny_model_dir, photo, monkeypatch
     assert np.array_equal(result.mask, result.default_mask)
 
 
-def test_reduced_precision_needs_cuda(tiny_model_dir):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    with pytest.raises(InputError, match="on cpu use float32"):
-        Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu", dtype="bfloat16")
+def test_bfloat16_runs_on_cpu_close_to_float32_and_float16_needs_cuda(tiny_model_dir, photo, pipe):
+    fast = Pipeline(deris=tiny_model_dir / "deris", gate=tiny_model_dir / "gate.safetensors", device="cpu", dtype="bfloat16")
+    assert fast.autocast_dtype == torch.bfloat16
+    want, got = pipe(photo[0], "the red car"), fast(photo[0], "the red car")
+    assert got.mask.shape == want.mask.shape and got.mask.dtype == bool
+    assert np.allclose(got.scores, want.scores, rtol=0, atol=0.05)  # bfloat16 keeps 8 bits of mantissa
+    assert (got.deris_mask != want.deris_mask).mean() < 0.05
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="float16 runs as CUDA autocast"):
+            Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu", dtype="float16")
 
 
 @pytest.mark.gpu
