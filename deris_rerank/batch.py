@@ -229,7 +229,7 @@ def _record(item: BatchItem, result) -> dict:
         "id": item.id,
         "image": str(item.image),
         "text": item.text,
-        "selected": result.selected,
+        "selected": result.selected_rank,
         "selected_slot": result.selected_slot,
         "switched": result.switched,
         "p_fail": result.p_fail,

@@ -57,7 +57,7 @@ def _pipeline(args: argparse.Namespace):
 
 
 def _summary(result, written) -> str:
-    top = f"candidate #{result.selected} (slot {result.selected_slot}, score {result.scores[result.selected]:.3f})"
+    top = f"candidate #{result.selected_rank} (slot {result.selected_slot}, score {result.scores[result.selected_rank]:.3f})"
     if result.switched:
         decision = f"switched to {top} from DeRIS's #0 (slot {result.default_index}, score {result.scores[0]:.3f})"
     else:

@@ -81,7 +81,8 @@ class GateDecision:
 
     p_fail_logit [B], p_fail [B] in [0, 1]; rank [B, N] predicted IoU gain relative to the
     default candidate (0 at the default); default_index [B] and selected [B] int64 slot
-    indices; switched [B] bool (selected != default); calibrated [B, N]: a text-aware
+    indices (slots, not ranks: `Result.selected_rank` is a rank by score); switched [B] bool
+    (selected != default); calibrated [B, N]: a text-aware
     re-ranker's calibrated candidate-text logits (None for a Venice-H1 gate).
     """
 

@@ -375,7 +375,7 @@ class Pipeline:
             result = Result(
                 text=pairs[index][1],
                 mask=resize_mask_nearest(binary[b, chosen], size).numpy(),
-                selected=slot_order.index(chosen),
+                selected_rank=slot_order.index(chosen),
                 switched=chosen != first,
                 p_fail=p_fail[b],
                 scores=scores[b, order[b]].tolist(),

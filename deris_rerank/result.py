@@ -19,7 +19,7 @@ class Result:
     """One pair's answer. Masks are NumPy bool arrays at the original image size [H, W].
 
     Candidates are listed by descending referring score: `scores[k]` is the k-th best, and
-    `slots[k]` its DeRIS query slot. `selected` is the rank of the chosen candidate in that
+    `slots[k]` its DeRIS query slot. `selected_rank` is the rank of the chosen candidate in that
     list (0 = Query-0, DeRIS's own first choice); `switched` is True when the gate chose
     another one. `p_fail` is the gate's failure probability (None without a gate).
     `deris_mask` is DeRIS's own answer as its post-processing defines it (union of the
@@ -36,7 +36,7 @@ class Result:
 
     text: str
     mask: np.ndarray
-    selected: int
+    selected_rank: int
     switched: bool
     p_fail: Optional[float]
     scores: List[float]
@@ -83,9 +83,14 @@ class Result:
         return self.slots[0]
 
     @property
+    def selected(self) -> int:
+        """The same as `selected_rank` (the name of earlier versions and of the JSON field)."""
+        return self.selected_rank
+
+    @property
     def selected_slot(self) -> int:
         """DeRIS query slot of the chosen candidate."""
-        return self.slots[self.selected]
+        return self.slots[self.selected_rank]
 
     @property
     def candidates(self) -> np.ndarray:
@@ -101,7 +106,7 @@ class Result:
         return {
             "text": self.text,
             "image_size": list(self.image_size),
-            "selected": self.selected,
+            "selected": self.selected_rank,  # the rank by score (0 = Query-0), as `selected_rank`
             "selected_slot": self.selected_slot,
             "default_index": self.default_index,
             "switched": self.switched,
@@ -140,7 +145,7 @@ class Result:
             save_png(written["overlay"], decision_overlay(self.image, self.mask, outline))
             if candidates:
                 written["candidates"] = folder / f"{name}_candidates.png"
-                grid = candidate_grid(self.image, self.candidates, self.scores, self.selected, 0)
+                grid = candidate_grid(self.image, self.candidates, self.scores, self.selected_rank, 0)
                 save_png(written["candidates"], grid)
         text = json.dumps(self.to_json(), indent=2) + "\n"
         try:

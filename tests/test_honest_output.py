@@ -61,7 +61,7 @@ def test_cli_prints_unknown_words_and_caps_a_long_text(tiny_model_dir, image_pat
 
 def test_empty_mask_is_said_in_summary_and_json():
     empty = np.zeros((5, 6), bool)
-    result = Result(text="the cat", mask=empty, selected=0, switched=False, p_fail=None, scores=[0.4, 0.2],
+    result = Result(text="the cat", mask=empty, selected_rank=0, switched=False, p_fail=None, scores=[0.4, 0.2],
                     slots=[1, 0], deris_mask=empty, default_mask=empty, existence=0.1, timings={"deris": 1.0})
     assert result.mask_empty and result.to_json()["mask_empty"] is True
     assert result.notes[0].startswith("the chosen mask is empty")
