@@ -1,34 +1,48 @@
-"""deris-rerank: DeRIS referring segmentation in plain PyTorch with the Venice-H1 failure gate."""
-from .candidates import Candidates
-from .checkpoints import load_deris, save_deris
-from .deris.config import DerisConfig
-from .deris.model import DerisModel
+"""deris-rerank: DeRIS referring segmentation in plain PyTorch, re-ranked by Venice-H1 or the calibrated re-ranker.
+
+The public names below are imported on first use (PEP 562), so `import deris_rerank.gate` or
+`deris-rerank --version` loads only what it needs (loading a gate never builds the DeRIS model).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .errors import CheckpointError, DerisRerankError, InputError
-from .gate import DecisionRule, GateConfig, GateDecision, VeniceGate, load_gate, save_gate
-from .pipeline import EncodedImage, Pipeline
-from .result import Result
-from .signatures import grid_signatures, mask_statistics
 from .version import __version__
 
-__all__ = [
-    "Candidates",
-    "CheckpointError",
-    "DecisionRule",
-    "DerisConfig",
-    "DerisModel",
-    "DerisRerankError",
-    "EncodedImage",
-    "GateConfig",
-    "GateDecision",
-    "InputError",
-    "Pipeline",
-    "Result",
-    "VeniceGate",
-    "__version__",
-    "grid_signatures",
-    "load_deris",
-    "load_gate",
-    "mask_statistics",
-    "save_deris",
-    "save_gate",
-]
+# public name -> the module that defines it
+_LAZY = {
+    "Candidates": ".candidates",
+    "load_deris": ".checkpoints",
+    "save_deris": ".checkpoints",
+    "DerisConfig": ".deris.config",
+    "DerisModel": ".deris.model",
+    "DerisOutput": ".deris.model",
+    "DecisionRule": ".gate",
+    "GateConfig": ".gate",
+    "GateDecision": ".gate",
+    "VeniceGate": ".gate",
+    "load_gate": ".gate",
+    "save_gate": ".gate",
+    "EncodedImage": ".pipeline",
+    "Pipeline": ".pipeline",
+    "Result": ".result",
+    "grid_signatures": ".signatures",
+    "mask_statistics": ".signatures",
+    "Beit3Tokenizer": ".tokenizer",
+}
+
+__all__ = sorted([*_LAZY, "CheckpointError", "DerisRerankError", "InputError", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'deris_rerank' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return __all__

@@ -46,9 +46,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoints import state_dict_mismatch
 from .errors import CheckpointError, InputError, OutputError
-from .fileio import atomic_write, check_format
+from .fileio import atomic_write, check_format, state_dict_mismatch
 from .gate import CALIBRATED_FORMAT_NAME, N_MASK_STATS, DecisionRule, GateDecision, apply_rule
 from .signatures import GRID_FIELDS, GRID_SIGNATURE_DIM, GRID_SIZES
 from .text_context import TextContext, pooled_text

@@ -16,7 +16,7 @@ import stat
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Mapping
 
 import torch
 from safetensors.torch import load_file as load_safetensors
@@ -151,3 +151,26 @@ def check_format(sidecar: Dict[str, Any], name: str, version: int, path: str | P
             f"{path} was written by a newer deris-rerank ({name} format version {found}; this version reads up to "
             f"{version}): upgrade deris-rerank"
         )
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], limit: int = 12) -> str:
+    """One line naming missing, unexpected and wrongly shaped keys (with shapes); "" when they fit."""
+
+    def listing(items: Dict[str, tuple]) -> str:
+        shown = [f"{k}{list(v)}" for k, v in sorted(items.items())[:limit]]
+        more = len(items) - len(shown)
+        return ", ".join(shown) + (f", ... (+{more} more)" if more > 0 else "")
+
+    want = {k: tuple(v.shape) for k, v in expected.items()}
+    have = {k: tuple(v.shape) for k, v in given.items()}
+    missing = {k: s for k, s in want.items() if k not in have}
+    unexpected = {k: s for k, s in have.items() if k not in want}
+    wrong = [f"{k}: expected {list(s)}, found {list(have[k])}" for k, s in want.items() if k in have and have[k] != s]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {listing(unexpected)}")
+    if wrong:
+        parts.append(f"{len(wrong)} with another shape: " + ", ".join(wrong[:limit]))
+    return "; ".join(parts)

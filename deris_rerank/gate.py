@@ -33,9 +33,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoints import state_dict_mismatch
 from .errors import CheckpointError, InputError, OutputError
-from .fileio import atomic_write, check_format, read_json, read_safetensors, read_torch_file
+from .fileio import atomic_write, check_format, read_json, read_safetensors, read_torch_file, state_dict_mismatch
 from .signatures import GRID_SIGNATURE_DIM, GRID_SIZES, grid_scale_mask
 
 FORMAT_NAME = "deris-rerank-gate"

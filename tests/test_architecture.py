@@ -68,3 +68,27 @@ def test_model_returns_a_typed_output_with_intermediates_only_on_request():
         plain["rounds"]
     assert "after_cross_attn" in full.rounds[1] and "after_cross_attn" not in full.rounds[0]
     assert torch.equal(plain.mask_logits, full.mask_logits) and torch.equal(plain.scores, full.scores)
+
+
+def test_loading_a_gate_does_not_import_the_deris_model(tiny_model_dir):
+    import subprocess
+
+    code = (
+        "import sys\n"
+        "from deris_rerank.gate import load_gate\n"
+        f"load_gate({str(tiny_model_dir / 'gate.safetensors')!r})\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('deris_rerank.deris', 'deris_rerank.checkpoints', "
+        "'deris_rerank.pipeline', 'deris_rerank.training', 'cv2', 'sentencepiece'))))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_the_package_and_its_version_import_without_torch():
+    import subprocess
+
+    code = "import sys, deris_rerank; print(deris_rerank.__version__, 'torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[1] == "False"
