@@ -49,13 +49,13 @@ from torch import Tensor, nn
 from .errors import CheckpointError, InputError, OutputError
 from .fileio import atomic_write, check_format, state_dict_mismatch
 from .gate import CALIBRATED_FORMAT_NAME, N_MASK_STATS, DecisionRule, GateDecision, apply_rule
+from .settings import FUSIONS
 from .signatures import GRID_FIELDS, GRID_SIGNATURE_DIM, GRID_SIZES
 from .text_context import TextContext, pooled_text
 
 FORMAT_NAME = CALIBRATED_FORMAT_NAME
 FORMAT_VERSION = 1
 CALIBRATED = "calibrated"
-FUSIONS = ("learned", "none")
 LOG_SCORE_FLOOR = 1e-12  # scores below it are ranked as equal by the DeRIS term of the fusion
 
 

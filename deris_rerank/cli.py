@@ -14,13 +14,16 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import DerisRerankError
-from .tokenizer import shorten_text
 from .version import __version__
-from .training.pretrain_perception import PerceptionPretrainSettings
-from .training.train_deris import DerisTrainSettings
-from .calibrated import FUSIONS
-from .workflow.train_calibrated import SHARED_SETTINGS, CalibratedSettings
-from .workflow.train_gate import FEATURE_SETS, TrainSettings
+from .settings import (
+    FEATURE_SETS,
+    FUSIONS,
+    SHARED_SETTINGS,
+    CalibratedSettings,
+    DerisTrainSettings,
+    PerceptionPretrainSettings,
+    TrainSettings,
+)
 
 MAX_REASONS_SHOWN = 5  # failed pairs whose reasons `batch` prints at the end
 
@@ -57,6 +60,8 @@ def _pipeline(args: argparse.Namespace):
 
 
 def _summary(result, written) -> str:
+    from .tokenizer import shorten_text
+
     top = f"candidate #{result.selected_rank} (slot {result.selected_slot}, score {result.scores[result.selected_rank]:.3f})"
     if result.switched:
         decision = f"switched to {top} from DeRIS's #0 (slot {result.default_index}, score {result.scores[0]:.3f})"
@@ -272,7 +277,7 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .deris.config import DerisConfig
     from .training.tokenizer import train_word_tokenizer
-    from .training.train_deris import DerisTrainSettings, train_deris
+    from .training.train_deris import train_deris
 
     out = Path(args.out)
     config = DerisConfig.preset(args.preset)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .settings import GRID_SIZES
 
-GRID_SIZES: Tuple[int, ...] = (4, 8, 16)
 MASK_STAT_NAMES: Tuple[str, ...] = ("mask_mean", "mask_max", "mask_area", "mask_std")
 GRID_FIELDS: Tuple[Tuple[str, int], ...] = tuple(
     (f"{kind}_{g}", size)

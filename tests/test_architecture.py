@@ -92,3 +92,14 @@ def test_the_package_and_its_version_import_without_torch():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[1] == "False"
+
+
+def test_the_command_line_starts_without_torch_or_training_code():
+    import subprocess
+
+    code = ("import sys, deris_rerank.cli; deris_rerank.cli.build_parser(); "
+            "print(sorted({m.split('.')[0] if not m.startswith('deris_rerank') else m for m in sys.modules} & "
+            "{'torch', 'cv2', 'sentencepiece', 'deris_rerank.training', 'deris_rerank.workflow', 'deris_rerank.pipeline'}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -12,7 +12,6 @@ FILE` then starts DeRIS from these Swin weights. Only the Swin is saved.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
@@ -26,20 +25,11 @@ from ..data.refshapes import RefShapes
 from ..deris.config import DerisConfig
 from ..deris.swin import SwinBackbone
 from ..fileio import atomic_write
+from ..settings import PerceptionPretrainSettings
 from ..transforms import prepare_images
 from .attributes import ATTRIBUTE_VOCABULARIES, AttributeHead, attribute_cross_entropy, attribute_labels
 
 
-@dataclass
-class PerceptionPretrainSettings:
-    """Knobs of `pretrain_perception` (defaults: a few minutes for DeRIS-tiny on a CPU)."""
-
-    steps: int = 1500
-    objects_per_step: int = 64
-    crop_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    seed: int = 0
 
 
 def object_crops(image: Tensor, centres: Sequence[Tuple[float, float]], crop_size: int) -> Tensor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -30,6 +29,7 @@ from ..deris.config import DerisConfig
 from ..deris.model import DerisModel
 from ..errors import CheckpointError
 from ..fileio import atomic_write, read_safetensors, read_torch_file
+from ..settings import DerisTrainSettings
 from ..tokenizer import Beit3Tokenizer
 from ..transforms import prepare_images
 from .attributes import AttributeHeads, attribute_labels, pooled_attribute_loss
@@ -38,19 +38,6 @@ from .losses import LossWeights, PairTargets, deris_loss
 CHECKPOINT = "checkpoint.pt"
 
 
-@dataclass
-class DerisTrainSettings:
-    """Knobs of `train_deris` (defaults sized for DeRIS-tiny on a CPU)."""
-
-    steps: int = 6000
-    batch_size: int = 16
-    lr: float = 8e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 300
-    grad_clip: float = 1.0
-    seed: int = 0
-    checkpoint_every: int = 500
-    num_workers: int = 1
 
 
 class RefShapesStream(IterableDataset):

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ..calibrated import CalibratedConfig, CalibratedReranker
+from ..settings import CalibratedSettings
 from ..gate import DecisionRule, apply_rule
 from ..workflow.metrics import HARM_MARGIN
 from .train_gate import TAU_GRID, GateData, gate_outputs
@@ -34,32 +34,6 @@ MARGIN_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 CALIBRATED_TAU_GRID = TAU_GRID + (0.995, 0.999)  # a conservative point may need p_fail very near 1
 
 
-@dataclass
-class CalibratedSettings:
-    """Every knob of the calibrated recipe. The first ten share their flags with the Venice-H1 recipe."""
-
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    batch_size: int = 512
-    epochs: int = 20
-    warmup_epochs: int = 3
-    seed: int = 42
-    hidden_dim: int = 512
-    n_layers: int = 3
-    n_heads: int = 8
-    dropout: float = 0.1
-    target_temperature: float = 0.05
-    aux_weight: float = 0.5
-    failure_weight: float = 1.0
-    fusion_lr_scale: float = 20.0
-    text: bool = True
-    fusion: str = "learned"
-    geometry: bool = False
-    max_harmful: float = 5.0
-    conservative_harmful: float = 1.0
-
-
-SHARED_SETTINGS = ("lr", "weight_decay", "batch_size", "epochs", "warmup_epochs", "seed", "hidden_dim", "n_layers", "n_heads", "dropout")
 
 
 def listwise_targets(ious: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..gate import RELEASED, DecisionRule, GateConfig, ReleasedGate, VeniceGate, apply_rule
+from ..settings import FEATURE_SETS, TrainSettings  # noqa: F401  (re-exported)
 from ..signatures import GRID_FIELDS, GRID_SIZES, MASK_STAT_NAMES
 from ..text_context import TextContext
 from .cache import read_cache
 
-FEATURE_SETS = {"full": GRID_SIZES, "base": (), "grid4": (4,), "grid8": (8,), "grid16": (16,)}
 TAU_GRID = tuple(round(0.01 * k, 2) for k in range(100))
 
 
@@ -126,27 +126,6 @@ def _text_context(t: Dict[str, torch.Tensor]) -> Optional[TextContext]:
     return TextContext(t["refer_logits"].float(), t["cognition_feat"].float(), t["text_feat"].float(), t["text_padding"].bool())
 
 
-@dataclass
-class TrainSettings:
-    """Every knob of the recipe (defaults: the Venice-H1 card)."""
-
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    batch_size: int = 512
-    epochs: int = 20
-    warmup_epochs: int = 3
-    focal_gamma: float = 2.0
-    gain_weight: float = 5.0
-    smooth_l1_beta: float = 0.1
-    seed: int = 42
-    amp: bool = True
-    hidden_dim: int = 512
-    n_layers: int = 3
-    n_heads: int = 8
-    dropout: float = 0.1
-    features: str = "full"
-    tune_temp: bool = False
-    tune_margin: bool = False
 
 
 def focal_bce(logits: torch.Tensor, targets: torch.Tensor, gamma: float, pos_weight: torch.Tensor) -> torch.Tensor:

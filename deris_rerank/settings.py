@@ -1,0 +1,89 @@
+"""The settings of the training commands, as plain dataclasses (no torch): the CLI builds its
+flags from them without importing training code, and the trainers import them from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+GRID_SIZES: Tuple[int, ...] = (4, 8, 16)  # the grid-signature scales (side lengths)
+FEATURE_SETS: Dict[str, Tuple[int, ...]] = {"full": GRID_SIZES, "base": (), "grid4": (4,), "grid8": (8,), "grid16": (16,)}
+FUSIONS = ("learned", "none")
+
+
+@dataclass
+class TrainSettings:
+    """Every knob of the recipe (defaults: the Venice-H1 card)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 512
+    epochs: int = 20
+    warmup_epochs: int = 3
+    focal_gamma: float = 2.0
+    gain_weight: float = 5.0
+    smooth_l1_beta: float = 0.1
+    seed: int = 42
+    amp: bool = True
+    hidden_dim: int = 512
+    n_layers: int = 3
+    n_heads: int = 8
+    dropout: float = 0.1
+    features: str = "full"
+    tune_temp: bool = False
+    tune_margin: bool = False
+
+
+@dataclass
+class CalibratedSettings:
+    """Every knob of the calibrated recipe. The first ten share their flags with the Venice-H1 recipe."""
+
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    batch_size: int = 512
+    epochs: int = 20
+    warmup_epochs: int = 3
+    seed: int = 42
+    hidden_dim: int = 512
+    n_layers: int = 3
+    n_heads: int = 8
+    dropout: float = 0.1
+    target_temperature: float = 0.05
+    aux_weight: float = 0.5
+    failure_weight: float = 1.0
+    fusion_lr_scale: float = 20.0
+    text: bool = True
+    fusion: str = "learned"
+    geometry: bool = False
+    max_harmful: float = 5.0
+    conservative_harmful: float = 1.0
+
+
+SHARED_SETTINGS = ("lr", "weight_decay", "batch_size", "epochs", "warmup_epochs", "seed", "hidden_dim", "n_layers", "n_heads", "dropout")
+
+
+@dataclass
+class DerisTrainSettings:
+    """Knobs of `train_deris` (defaults sized for DeRIS-tiny on a CPU)."""
+
+    steps: int = 6000
+    batch_size: int = 16
+    lr: float = 8e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 300
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    num_workers: int = 1
+
+
+@dataclass
+class PerceptionPretrainSettings:
+    """Knobs of `pretrain_perception` (defaults: a few minutes for DeRIS-tiny on a CPU)."""
+
+    steps: int = 1500
+    objects_per_step: int = 64
+    crop_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
