@@ -28,8 +28,31 @@ from .settings import (
 MAX_REASONS_SHOWN = 5  # failed pairs whose reasons `batch` prints at the end
 
 
+def _add_tau(parser) -> None:
+    """--tau, the one definition every command that takes it shares."""
+    parser.add_argument("--tau", type=float, help="override the gate's failure threshold in [0, 1]: switch only if p_fail > tau")
+
+
+def _add_device_dtype(parser, dtype: bool = True) -> None:
+    """--device (and --dtype) of every command that runs a model."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    if dtype:
+        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                            help="float32 (default), or autocast in bfloat16 (CUDA or CPU) or float16 (CUDA): "
+                            "faster, slightly different numbers")
+
+
+def _add_refshapes_flags(parser, preset: bool = False, mode: bool = True) -> None:
+    """--preset (training commands) and --refshapes-mode, shared by the commands that use RefShapes."""
+    if preset:
+        parser.add_argument("--preset", default="deris-tiny", help="DeRIS preset to build (default deris-tiny)")
+    if mode:
+        parser.add_argument("--refshapes-mode", default="ris", choices=["ris", "gres"],
+                            help="RefShapes: one target per expression (ris) or also several / none (gres)")
+
+
 def _add_rule_overrides(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tau", type=float, help="failure threshold: switch only if p_fail > tau")
+    _add_tau(parser)
     parser.add_argument("--temp", type=float, help="temperature applied to the failure logit")
     parser.add_argument("--margin-pred", type=float, help="minimum predicted gain of the alternative")
     parser.add_argument("--margin-gap", type=float, help="minimum gap between the two best alternatives")
@@ -39,17 +62,21 @@ def _rule_overrides(args: argparse.Namespace) -> dict:
     return {"tau": args.tau, "temp": args.temp, "margin_pred": args.margin_pred, "margin_gap": args.margin_gap}
 
 
-def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
+def _add_model_files(group) -> None:
+    """--deris and --tokenizer, shared by segment, batch and extract."""
     group.add_argument("--deris", help="DeRIS checkpoint: official .pth, converted folder or preset name "
                        "(default: the embedded default model)")
     group.add_argument("--tokenizer", help="BEiT-3 sentencepiece model (default: beit3.spm next to --deris or in weights/)")
-    group.add_argument("--gate", help="Venice-H1 gate checkpoint (default: venice_h1.* in weights/)")
+
+
+def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    _add_model_files(group)
+    group.add_argument("--gate", help="re-ranker: a Venice-H1 or calibrated gate file (default: gate.safetensors "
+                       "beside --deris, or venice_h1.* in weights/)")
     group.add_argument("--no-gate", action="store_true", help="do not re-rank: DeRIS's own first choice")
-    group.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="float32 (default), or autocast in bfloat16 (CUDA or CPU) or float16 (CUDA): faster, slightly different numbers")
-    group.add_argument("--tau", type=float, help="override the gate's failure threshold")
+    _add_device_dtype(group)
+    _add_tau(group)
 
 
 def _pipeline(args: argparse.Namespace):
@@ -93,7 +120,8 @@ def add_settings_flags(parser: argparse.ArgumentParser, settings_class, skip=(),
         if setting.name in special:
             parser.add_argument(flag, dest=setting.name, default=value, **special[setting.name])
         elif isinstance(value, bool):
-            parser.add_argument(flag, dest=setting.name, action=argparse.BooleanOptionalAction, default=value)
+            parser.add_argument(flag, dest=setting.name, action=argparse.BooleanOptionalAction, default=value,
+                                help=f"default {'on' if value else 'off'}")
         else:
             parser.add_argument(flag, dest=setting.name, type=type(value), default=value, help=f"default {value}")
 
@@ -105,7 +133,7 @@ def settings_from_args(args: argparse.Namespace, settings_class):
 
 def add_training_run_flags(parser: argparse.ArgumentParser) -> None:
     """--device and --quiet of the training commands; `training_log` reads --quiet."""
-    parser.add_argument("--device", default="auto")
+    _add_device_dtype(parser, dtype=False)
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -373,23 +401,24 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--iou-at", default="384", choices=["384", "original"],
                          help="IoU at the 384 input (DeRIS's evaluation, default) or at the original image size")
     extract.add_argument("--shard-size", type=int, default=10_000, help="pairs per shard (default 10000)")
-    extract.add_argument("--batch-size", type=int, default=8)
+    extract.add_argument("--batch-size", type=int, default=8, help="pairs per model run (default 8)")
     extract.add_argument("--worker", default="0/1", help="i/K: this process takes shards k with k %% K == i")
-    extract.add_argument("--query-source", default="perception", choices=["perception", "cognition"])
+    extract.add_argument("--query-source", default="perception", choices=["perception", "cognition"],
+                         help="which DeRIS embedding the Venice-H1 fields hold: the perception queries (default, as "
+                         "the Venice-H1 caches) or the cognition aligner's")
     extract.add_argument("--batch-semantics", default="per_sample", choices=["per_sample", "upstream"],
                          help="upstream: reproduce upstream's batch-coupled loopback (results depend on the batch)")
     extract.add_argument("--refshapes-images", type=int, default=1000, help="RefShapes: number of images")
     extract.add_argument("--refshapes-seed", type=int, default=0, help="RefShapes: seed")
     extract.add_argument("--refshapes-size", type=int, default=256, help="RefShapes: image side in pixels")
-    extract.add_argument("--refshapes-mode", default="ris", choices=["ris", "gres"])
+    _add_refshapes_flags(extract)
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.add_argument("--overwrite", action="store_true",
                          help="remove the split's existing shards first (needed when they were made with other "
                          "settings or data)")
-    extract.add_argument("--deris", help="DeRIS checkpoint (official .pth, converted folder or preset name)")
-    extract.add_argument("--tokenizer", help="BEiT-3 sentencepiece model")
-    extract.add_argument("--device", default="auto")
-    extract.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    model = extract.add_argument_group("model")
+    _add_model_files(model)
+    _add_device_dtype(model)
     extract.set_defaults(run=cmd_extract)
 
     train = commands.add_parser(
@@ -424,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache", nargs="+", required=True, help="cache split folders to evaluate")
     evaluate.add_argument("--gate", nargs="+", help="gate / re-ranker checkpoint (omit to evaluate DeRIS alone); "
                           "several: the tables are for the first, and OUT/ablation.md compares them all")
-    evaluate.add_argument("--tau", type=float, help="override the gate's tau")
+    _add_tau(evaluate)
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.set_defaults(run=cmd_evaluate)
 
@@ -435,10 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
         "instances, BCE + Dice masks, referring and existence losses on every loopback round. Writes OUT/model "
         "(model.safetensors + config.json + tokenizer.model) and resumes from OUT/checkpoint.pt.",
     )
-    train_deris.add_argument("--preset", default="deris-tiny")
+    _add_refshapes_flags(train_deris, preset=True)
     train_deris.add_argument("--out", required=True, help="run folder")
     train_deris.add_argument("--train-images", type=int, default=200_000, help="RefShapes images to draw pairs from")
-    train_deris.add_argument("--refshapes-mode", default="ris", choices=["ris", "gres"])
     train_deris.add_argument("--tokenizer", help="sentencepiece model (default: train one on the RefShapes grammar)")
     add_settings_flags(train_deris, DerisTrainSettings)
     train_deris.add_argument("--init-perception", help="Swin weights from `deris-rerank pretrain-perception`")
@@ -451,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains the preset's Swin to tell each RefShapes object's shape, colour, size and style from a "
         "crop centred on it; writes the Swin's weights (safetensors) to OUT.",
     )
-    pretrain.add_argument("--preset", default="deris-tiny")
+    _add_refshapes_flags(pretrain, preset=True, mode=False)
     pretrain.add_argument("--out", required=True, help="output file, e.g. runs/perception.safetensors")
     pretrain.add_argument("--train-images", type=int, default=200_000, help="RefShapes images to draw scenes from")
     add_settings_flags(pretrain, PerceptionPretrainSettings)

@@ -104,3 +104,22 @@ def test_convert_success_path_in_process(tmp_path, monkeypatch, small_upstream_c
     assert converted.state_dict().keys() == original.state_dict().keys()
     for key, value in original.state_dict().items():
         assert torch.equal(converted.state_dict()[key], value), key
+
+
+def test_every_option_of_every_command_has_help_text():
+    import argparse
+
+    from deris_rerank.cli import build_parser
+
+    missing = []
+
+    def walk(parser, name):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, sub in action.choices.items():
+                    walk(sub, command)
+            elif action.option_strings and not action.help:
+                missing.append(f"{name} {action.option_strings[0]}")
+
+    walk(build_parser(), "deris-rerank")
+    assert missing == []
