@@ -235,7 +235,8 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
     pick its decision settings on the tuning caches."""
     from .gate import save_gate
     from .devices import resolve_device
-    from .workflow.train_gate import choose_rule, load_gate_data, train_gate
+    from .workflow.gate_data import load_gate_data
+    from .workflow.train_gate import choose_rule, train_gate
 
     device = resolve_device(args.device)
     if args.arch == "calibrated":
@@ -251,7 +252,7 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
 def _train_calibrated(args: argparse.Namespace, device) -> int:
     from .calibrated import save_calibrated
     from .workflow.train_calibrated import choose_operating_points, settings_record, train_calibrated
-    from .workflow.train_gate import load_gate_data
+    from .workflow.gate_data import load_gate_data
 
     settings = settings_from_args(args, CalibratedSettings)
     train = load_gate_data([Path(p) for p in args.train])
@@ -276,7 +277,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(gates) > 1:
         from .fileio import atomic_write
         from .workflow.ablation import ablation_markdown, ablation_rows
-        from .workflow.train_gate import load_gate_data
+        from .workflow.gate_data import load_gate_data
 
         table = ablation_markdown(ablation_rows(load_gate_data([Path(p) for p in args.cache]), gates))
         atomic_write(Path(args.out) / "ablation.md", lambda tmp: Path(tmp).write_text("# Ablation\n\n" + table))

@@ -103,3 +103,9 @@ def test_the_command_line_starts_without_torch_or_training_code():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_evaluating_imports_no_trainer():
+    for name in ("evaluate.py", "ablation.py"):
+        imported = imported_modules(PACKAGE / "workflow" / name)
+        assert not any(m.startswith(("deris_rerank.workflow.train_", "deris_rerank.training")) for m in imported), name

@@ -16,7 +16,7 @@ import torch
 
 from ..gate import apply_rule
 from .metrics import evaluate_choices
-from .train_gate import GateData, gate_outputs
+from .gate_data import GateData, gate_outputs
 
 ABLATION_COLUMNS = [
     ("mIoU", "selected_miou", "{:.2f}"),

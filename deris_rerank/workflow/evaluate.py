@@ -19,7 +19,7 @@ import torch
 from ..fileio import atomic_write
 from ..gate import VeniceGate, apply_rule
 from .metrics import HARM_MARGIN, PRECISION_THRESHOLDS, evaluate_choices, roc_auc
-from .train_gate import GateData, gate_outputs, load_gate_data
+from .gate_data import GateData, gate_outputs, load_gate_data
 
 TABLE_COLUMNS = [
     ("pairs", "pairs", "{:.0f}"),

@@ -28,7 +28,8 @@ from ..calibrated import CalibratedConfig, CalibratedReranker
 from ..settings import CalibratedSettings
 from ..gate import DecisionRule, apply_rule
 from ..workflow.metrics import HARM_MARGIN
-from .train_gate import TAU_GRID, GateData, gate_outputs
+from .gate_data import GateData, gate_outputs
+from .train_gate import TAU_GRID
 
 MARGIN_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 CALIBRATED_TAU_GRID = TAU_GRID + (0.995, 0.999)  # a conservative point may need p_fail very near 1
