@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -353,12 +354,17 @@ def _config_from_state_dict(state: Mapping[str, torch.Tensor], settings: Mapping
     )
 
 
+def check_tau(tau: Optional[float]) -> None:
+    """Raise InputError unless `tau` is None or a number in [0, 1] (NaN is refused)."""
+    if tau is not None and not (isinstance(tau, numbers.Real) and 0.0 <= tau <= 1.0):
+        raise InputError(f"tau must be between 0 and 1 (the gate switches when p_fail > tau), got {tau!r}")
+
+
 def _rule_from_settings(flavour: str, settings: Mapping[str, Any], overrides: Mapping[str, Any], path: Path) -> DecisionRule:
     defaults = {"temp": 1.0, "margin_pred": 0.02 if flavour == RELEASED else None, "margin_gap": 0.0}
     merged = {**defaults, **{k: settings[k] for k in ("tau", "temp", "margin_pred", "margin_gap") if k in settings}}
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    if overrides.get("tau") is not None and not 0.0 <= float(overrides["tau"]) <= 1.0:
-        raise InputError(f"tau must be between 0 and 1 (the gate switches when p_fail > tau), got {overrides['tau']}")
+    check_tau(overrides.get("tau"))
     if overrides.get("temp") is not None and not float(overrides["temp"]) > 0.0:
         raise InputError(f"temp must be a positive number (it divides the failure logit), got {overrides['temp']}")
     if "tau" not in merged:

@@ -24,7 +24,7 @@ from .checkpoints import load_deris
 from .deris.loopback import BATCH_SEMANTICS
 from .deris.model import DerisModel, DerisOutput, ImageFeatures
 from .errors import DerisRerankError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
-from .gate import VeniceGate, load_gate
+from .gate import VeniceGate, check_tau, load_gate
 from .images import load_image
 from .devices import precision, resolve_device, resolve_dtype
 from .model_files import DEFAULT_MODEL, default_model, resolve_deris, resolve_gate, resolve_tokenizer
@@ -42,8 +42,7 @@ EMBEDDED_DEFAULT_NOTICE = (
 
 def check_settings(tau: Optional[float] = None, batch_semantics: str = "per_sample", query_source: str = "perception") -> None:
     """Raise InputError for an out-of-range tau or an unknown batch semantics / query source."""
-    if tau is not None and not (isinstance(tau, (int, float)) and 0.0 <= tau <= 1.0):
-        raise InputError(f"tau must be between 0 and 1 (the gate switches when p_fail > tau), got {tau!r}")
+    check_tau(tau)
     if batch_semantics not in BATCH_SEMANTICS:
         raise InputError(f"batch_semantics must be one of {', '.join(BATCH_SEMANTICS)}, got {batch_semantics!r}")
     if query_source not in QUERY_SOURCES:
@@ -108,8 +107,8 @@ class Pipeline:
     (DeRIS's own Query-0) when there is none; False never uses one. (`model_files` says where
     files are looked for; `Pipeline.from_files` takes paths only.)
     device: "auto" picks CUDA when available; built objects are moved there. dtype: None
-    (float32) or bfloat16/float16 autocast on CUDA; the deformable sampling, softmaxes and
-    signatures stay in float32. tau overrides the gate's threshold.
+    (float32), or autocast in bfloat16 (CPU or CUDA) or float16 (CUDA); the deformable sampling,
+    softmaxes and signatures stay in float32. tau overrides the gate's threshold.
     """
 
     def __init__(
@@ -180,13 +179,11 @@ class Pipeline:
         """
         if isinstance(image, EncodedImage):
             return image
+        decoded = self._decode(image)
         timer = StageTimer(self.device)
-        with timer("load"):
-            rgb = load_image(image() if callable(image) else image)
-            image_hi, image_lo = prepare_images(rgb, self.config.image_size, self.config.image_size_lo)
         with torch.inference_mode(), precision(self.device, self.autocast_dtype):
-            features = self.model.encode_image(image_hi[None].to(self.device), timer)
-        return EncodedImage(rgb, image_lo, features, dict(timer.ms))
+            features = self.model.encode_image(decoded.image_hi[None].to(self.device), timer)
+        return EncodedImage(decoded.rgb, decoded.image_lo, features, {"load": decoded.load_ms, **timer.ms})
 
     def __call__(self, image: Any, text: Union[str, Sequence[str]]) -> Union[Result, List[Result]]:
         """One pair -> Result; one image and a list of texts -> list of Results (image work done once).
@@ -255,19 +252,23 @@ class Pipeline:
         """Decode and prepare one image per group (runs in a worker thread)."""
         loaded = []
         for group in chunk:
-            timer = StageTimer()
             source = pairs[group[0]][0]
             if isinstance(source, EncodedImage):
                 loaded.append(_Image(source.rgb, None, source.image_lo, 0.0, source.features))
                 continue
             try:
-                with timer("load"):
-                    rgb = load_image(source() if callable(source) else source)
-                    image_hi, image_lo = prepare_images(rgb, self.config.image_size, self.config.image_size_lo)
-                loaded.append(_Image(rgb, image_hi, image_lo, timer.ms["load"]))
+                loaded.append(self._decode(source))
             except DerisRerankError as exc:
                 loaded.append(exc)
         return loaded
+
+    def _decode(self, source: Any) -> _Image:
+        """Decode one image source (or call a zero-argument source) and prepare both model inputs."""
+        timer = StageTimer()
+        with timer("load"):
+            rgb = load_image(source() if callable(source) else source)
+            image_hi, image_lo = prepare_images(rgb, self.config.image_size, self.config.image_size_lo)
+        return _Image(rgb, image_hi, image_lo, timer.ms["load"])
 
     def _run_chunk(self, pairs, chunk: List[List[int]], images):
         jobs = []  # (pair index, image position, tokens, padding)
@@ -279,8 +280,8 @@ class Pipeline:
                     continue
                 try:
                     text = _checked_text(pairs[index][1])
-                    tokens, padding = self.tokenizer.encode(text, self.config.max_tokens, warn=False)
-                    notes.append(self._text_notes(text))
+                    tokens, padding, text_notes = self.tokenizer.encode_with_notes(text, self.config.max_tokens)
+                    notes.append(self._warn_about_text(text, text_notes))
                 except DerisRerankError as exc:
                     yield index, exc
                     continue
@@ -291,9 +292,8 @@ class Pipeline:
             batch.text_notes = notes
             yield batch
 
-    def _text_notes(self, text: str) -> TextNotes:
-        """Tokenizer notes for `text`, with a warning for unknown words and for truncation."""
-        notes = self.tokenizer.describe(text, self.config.max_tokens)
+    def _warn_about_text(self, text: str, notes: TextNotes) -> TextNotes:
+        """Warn about `text`'s unknown words and truncation (its tokenizer `notes`); returns the notes."""
         if notes.unknown_words:
             words = ", ".join(repr(w) for w in notes.unknown_words[:10]) + (" ..." if len(notes.unknown_words) > 10 else "")
             warnings.warn(UnknownWordsWarning(
@@ -308,15 +308,14 @@ class Pipeline:
     def _image_features(self, images: List[_Image], timer: StageTimer) -> ImageFeatures:
         """Features of `images` in order: encoded together, except those that come encoded."""
         fresh = [im for im in images if im.features is None]
+        encoded = self.model.encode_image(torch.stack([im.image_hi for im in fresh]).to(self.device), timer) if fresh else None
         if len(fresh) == len(images):
-            return self.model.encode_image(torch.stack([im.image_hi for im in images]).to(self.device), timer)
-        if fresh:
-            encoded = self.model.encode_image(torch.stack([im.image_hi for im in fresh]).to(self.device), timer)
-            rows = iter(range(len(fresh)))
-            parts = [im.features or encoded.select(torch.tensor([next(rows)], device=self.device)) for im in images]
-        else:
-            parts = [im.features for im in images]
-        return ImageFeatures.cat(parts)
+            return encoded
+        rows = iter(range(len(fresh)))
+        return ImageFeatures.cat([
+            im.features if im.features is not None else encoded.select(torch.tensor([next(rows)], device=self.device))
+            for im in images
+        ])
 
     def _infer(self, images: List[_Image], jobs) -> "CandidateBatch":
         timer = StageTimer(self.device)

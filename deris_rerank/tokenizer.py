@@ -106,17 +106,22 @@ class Beit3Tokenizer:
             raise InputError(f"text {text!r} gives no tokens; expected at least one word")
         return ids
 
-    def encode(self, text: str, max_tokens: int, warn: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, text: str, max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """One expression -> (ids [T], padding_mask [T]), int64 with T = max_tokens.
 
         ids = [0, content ids (at most max_tokens - 2)..., 2, 1...]; padding_mask is 1 at
-        padding and 0 at real tokens (bos and eos included). Warns when text is truncated
-        (unless warn=False; `describe` says so too).
+        padding and 0 at real tokens (bos and eos included). Warns when text is truncated.
         """
         ids, padding_mask, truncated = self._pack([text], max_tokens)
-        if truncated and warn:
+        if truncated:
             warnings.warn(f"text truncated to max_tokens - 2 = {max_tokens - 2} tokens: {shorten_text(text)}", stacklevel=2)
         return ids[0], padding_mask[0]
+
+    def encode_with_notes(self, text: str, max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor, TextNotes]:
+        """`encode` (without its warning) and `describe` of one expression, tokenizing it once."""
+        content = self.content_ids(text)
+        ids, padding_mask, _ = self._pack_contents([content], max_tokens)
+        return ids[0], padding_mask[0], self._notes(text, content, max_tokens)
 
     def describe(self, text: str, max_tokens: int) -> TextNotes:
         """What the model will not see of `text`: words outside the vocabulary, and truncation.
@@ -125,7 +130,9 @@ class Beit3Tokenizer:
         sentencepiece model maps to <unk>; tokens: the number of content tokens;
         kept_tokens: how many of them fit in max_tokens (bos and eos take two places).
         """
-        content = self.content_ids(text)
+        return self._notes(text, self.content_ids(text), max_tokens)
+
+    def _notes(self, text: str, content: List[int], max_tokens: int) -> TextNotes:
         unknown: List[str] = []
         unk = self._processor.unk_id()
         for word in clean_text(text).split():
@@ -150,9 +157,13 @@ class Beit3Tokenizer:
 
     def _pack(self, texts: Sequence[str], max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """(ids [B, T], padding_mask [B, T], number of truncated texts)."""
+        return self._pack_contents([self.content_ids(text) for text in texts], max_tokens)
+
+    @staticmethod
+    def _pack_contents(contents: Sequence[List[int]], max_tokens: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """Content ids of B texts -> (ids [B, T], padding_mask [B, T], number truncated); T = max_tokens >= 3."""
         if not _is_int_at_least(max_tokens, 3):
             raise InputError(f"max_tokens: expected an int >= 3 (bos, one token, eos), got {max_tokens!r}")
-        contents = [self.content_ids(text) for text in texts]
         keep = max_tokens - 2
         rows = [[BOS_ID] + content[:keep] + [EOS_ID] for content in contents]
         lengths = torch.tensor([len(row) for row in rows])
