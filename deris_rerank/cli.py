@@ -233,7 +233,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train_gate(args: argparse.Namespace) -> int:
     """Train a Venice-H1 gate (or, with --arch calibrated, the calibrated re-ranker) on caches;
     pick its decision settings on the tuning caches."""
-    from .gate import save_gate
+    from .venice.gate_files import save_gate
     from .devices import resolve_device
     from .workflow.gate_data import load_gate_data
     from .workflow.train_gate import choose_rule, train_gate
@@ -250,7 +250,7 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
 
 
 def _train_calibrated(args: argparse.Namespace, device) -> int:
-    from .calibrated import save_calibrated
+    from .venice.gate_files import save_calibrated
     from .workflow.train_calibrated import choose_operating_points, settings_record, train_calibrated
     from .workflow.gate_data import load_gate_data
 
@@ -268,7 +268,7 @@ def _train_calibrated(args: argparse.Namespace, device) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Metrics of DeRIS alone, with the gate, and the oracle, per split and overall."""
-    from .gate import load_gate
+    from .venice.gate_files import load_gate
     from .workflow.evaluate import evaluate_caches, markdown
 
     gates = {Path(path).stem: load_gate(path, tau=args.tau) for path in args.gate or []}
@@ -326,7 +326,7 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
 
 def cmd_convert_gate(args: argparse.Namespace) -> int:
     """Convert a Venice-H1 gate checkpoint to safetensors + JSON."""
-    from .gate import load_gate, save_gate
+    from .venice.gate_files import load_gate, save_gate
 
     gate = load_gate(args.checkpoint, **_rule_overrides(args))
     written = save_gate(gate, args.output)

@@ -93,7 +93,7 @@ def test_sidecar_formats_are_versioned_and_checked(tiny_model_dir, tmp_path):
     import shutil
 
     from deris_rerank.checkpoints import load_deris
-    from deris_rerank.gate import load_gate
+    from deris_rerank.venice.gate_files import load_gate
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir / "deris", model)

@@ -7,9 +7,9 @@ import torch
 
 from deris_rerank import Pipeline, cli
 from deris_rerank.data import RefShapes
-from deris_rerank.gate import load_gate
+from deris_rerank.venice.gate_files import load_gate
 from deris_rerank.preprocess import resize_mask_nearest
-from deris_rerank.workflow.cache import read_cache
+from deris_rerank.venice.cache import read_cache
 from deris_rerank.workflow.extract import mask_overlap
 from deris_rerank.workflow.train_gate import load_gate_data
 
@@ -102,7 +102,7 @@ def test_train_gate_is_deterministic_and_tunes_tau_on_the_tuning_split(caches, t
     assert a.config.hidden_dim == 32 and a.config.query_dim == 64
     # tau is the best on the tuning split: no other tau on the grid does better there
     from deris_rerank.workflow.train_gate import TAU_GRID, delta_full, gate_outputs
-    from deris_rerank.gate import apply_rule
+    from deris_rerank.venice.decision import apply_rule
     import dataclasses
 
     tune = load_gate_data([caches / "tune"])
@@ -167,7 +167,7 @@ def test_extract_refuses_to_mix_shards_of_other_settings_or_data(tiny_model_dir,
     assert ids == [s.id for s in RefShapes("train", num_images=4, seed=2)]
     assert len(provenance) == 1 and provenance[0]["source"]["refshapes"]["seed"] == 2
 def test_calibrated_reranker_trains_evaluates_and_runs_in_the_pipeline(caches, tiny_model_dir, tmp_path, capsys):
-    from deris_rerank.calibrated import CalibratedReranker
+    from deris_rerank.venice.calibrated import CalibratedReranker
 
     args = ["train-gate", "--arch", "calibrated", "--train", str(caches / "train"), "--tune", str(caches / "tune"),
             "--device", "cpu", "--quiet", *SMALL]
@@ -199,7 +199,7 @@ def test_calibrated_reranker_trains_evaluates_and_runs_in_the_pipeline(caches, t
 
 
 def test_text_aware_training_on_an_old_cache_fails_with_one_line(caches, tmp_path, capsys):
-    from deris_rerank.workflow.cache import write_shard
+    from deris_rerank.venice.cache import write_shard
     from deris_rerank.workflow.train_gate import CACHE_TEXT_FIELDS
 
     tensors, ids, provenance = read_cache([caches / "train"])

@@ -14,9 +14,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..gate import apply_rule
+from ..venice.decision import apply_rule
+from ..venice.gate_data import GateData, gate_outputs
 from .metrics import evaluate_choices
-from .gate_data import GateData, gate_outputs
 
 ABLATION_COLUMNS = [
     ("mIoU", "selected_miou", "{:.2f}"),

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write
-from ..gate import VeniceGate, apply_rule
+from ..venice.decision import apply_rule
+from ..venice.gate import VeniceGate
+from ..venice.gate_data import GateData, gate_outputs, load_gate_data
 from .metrics import HARM_MARGIN, PRECISION_THRESHOLDS, evaluate_choices, roc_auc
-from .gate_data import GateData, gate_outputs, load_gate_data
 
 TABLE_COLUMNS = [
     ("pairs", "pairs", "{:.0f}"),

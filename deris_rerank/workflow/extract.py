@@ -24,11 +24,11 @@ from tqdm import tqdm
 from ..data.sample import ReferringSample
 from ..errors import InputError, OutputMismatchError
 from ..pipeline import CandidateBatch, Pipeline
-from ..transforms import resize_mask_nearest
-from ..signatures import MASK_STAT_NAMES, split_grid_signature
-from ..version import __version__
 from ..run_identity import identity_differences, model_sha256
-from .cache import shard_ids, shard_path, shard_provenance, write_shard
+from ..transforms import resize_mask_nearest
+from ..venice.cache import shard_ids, shard_path, shard_provenance, write_shard
+from ..venice.signatures import MASK_STAT_NAMES, split_grid_signature
+from ..version import __version__
 
 IOU_PROTOCOLS = ("384", "original")
 

@@ -24,11 +24,11 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..calibrated import CalibratedConfig, CalibratedReranker
 from ..settings import CalibratedSettings
-from ..gate import DecisionRule, apply_rule
+from ..venice.calibrated import CalibratedConfig, CalibratedReranker
+from ..venice.decision import DecisionRule, apply_rule
+from ..venice.gate_data import GateData, gate_outputs
 from ..workflow.metrics import HARM_MARGIN
-from .gate_data import GateData, gate_outputs
 from .train_gate import TAU_GRID
 
 MARGIN_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)

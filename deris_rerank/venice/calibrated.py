@@ -1,0 +1,272 @@
+"""The calibrated re-ranker: DeRIS's candidates re-scored against the expression (SCN-style).
+
+For B pairs with N candidates, T text tokens, width D (DeRIS's decoder width), K referring
+classes and hidden size H:
+
+    per candidate [query (D), cognition (D), 4 mask stats, score, refer logits (K), grid (675),
+                   optionally 4 geometry values (centre and spread, from the 16 x 16 grid)]
+        -> candidate encoder -> c [B, N, H]
+    token features [B, T, D] -> text encoder -> t [B, T, H]
+    L calibration layers, each (pre-norm, residual):
+        c <- c + attn(c -> t, padding masked)     candidates read the expression
+        t <- t + attn(t -> c)                     text made visually aware (pseudo-text)
+        c <- c + self-attn(c)                     candidates compete (disambiguation)
+        c, t <- FFN
+    calibrated logit  s_i = head([c_i, c_i * mean(t)])            [B, N]
+    fusion            f_i = w_deris * log(score_i) + w_cal * s_i   [B, N]  (w_deris = 1, w_cal = 0 at init)
+    failure head      p_fail from the Query-0 candidate, the best alternative, the mean
+                      candidate, the pooled text and the sorted scores / fused probabilities
+
+There is no slot embedding and the failure head reads only permutation-invariant summaries,
+so permuting the candidates permutes the fused logits and leaves p_fail unchanged.
+`fusion="none"` ranks by the calibrated logit alone (an ablation). `use_text=False` skips the
+text attention and zeroes the pooled text (an ablation: the same network without the expression;
+the candidates' cognition embeddings, which DeRIS's aligner made from the text, stay).
+
+Decision rule: Venice-H1's (`venice.decision.apply_rule`) on the fused logits: the default is
+argmax(score) (Query-0); switch to argmax(fused) only if p_fail > tau and the best
+alternative's fused logit exceeds Query-0's by more than margin_pred (logit units). Because
+log is monotone, a re-ranker whose calibrated logits are all zero (w_cal = 0 at
+initialisation, or zero weights) never sees an alternative above Query-0, so it keeps
+DeRIS's choice exactly, whatever tau.
+
+Saved by `venice.gate_files.save_calibrated` as `<path>.safetensors` + `<path>.json` (format
+name `deris-rerank-calibrated`); `load_gate` recognises the format and returns a `CalibratedReranker`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from ..settings import FUSIONS
+from .decision import DecisionRule, GateDecision, apply_rule
+from .gate import N_MASK_STATS
+from .signatures import GRID_FIELDS, GRID_SIGNATURE_DIM, GRID_SIZES
+from .text_context import TextContext, pooled_text
+
+CALIBRATED = "calibrated"
+LOG_SCORE_FLOOR = 1e-12  # scores below it are ranked as equal by the DeRIS term of the fusion
+
+
+@dataclass(frozen=True)
+class CalibratedConfig:
+    """Shape of a calibrated re-ranker. query_dim / text_dim: DeRIS's query and cognition widths;
+    n_classes: referring classes K; n_queries: N (the failure head reads N sorted values)."""
+
+    query_dim: int = 256
+    text_dim: int = 256
+    n_classes: int = 2
+    hidden_dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_queries: int = 10
+    dropout: float = 0.1
+    use_text: bool = True
+    fusion: str = "learned"
+    geometry: bool = False
+    flavour: str = CALIBRATED
+    use_grid: bool = True
+    grid_scales: Tuple[int, ...] = GRID_SIZES
+
+    @property
+    def feature_dim(self) -> int:
+        """Per-candidate input width: query + cognition + 4 mask statistics + score + K logits + 675 grid
+        values (+ 4 geometry values)."""
+        geometry = GEOMETRY_DIM if self.geometry else 0
+        return self.query_dim + self.text_dim + N_MASK_STATS + 1 + self.n_classes + GRID_SIGNATURE_DIM + geometry
+
+
+GEOMETRY_DIM = 4
+_GRID16_START = sum(size for name, size in GRID_FIELDS[: [n for n, _ in GRID_FIELDS].index("grid_mean_16")])
+
+
+def mask_geometry(grid_sigs: Tensor) -> Tensor:
+    """Where each candidate lies, from its 16 x 16 mean grid: [..., 675] -> [..., 4] =
+    (centre x, centre y, spread x, spread y), the probability-weighted mean and standard
+    deviation of the cell centres in [0, 1] (x to the right, y down; 0 for an empty mask)."""
+    grid = grid_sigs[..., _GRID16_START : _GRID16_START + 256].unflatten(-1, (16, 16))
+    cells = (torch.arange(16, device=grid.device, dtype=grid.dtype) + 0.5) / 16
+    mass = grid.sum(dim=(-2, -1)).clamp(min=1e-6)
+    px, py = grid.sum(dim=-2) / mass[..., None], grid.sum(dim=-1) / mass[..., None]  # marginals over x and y
+    cx, cy = (px * cells).sum(-1), (py * cells).sum(-1)
+    sx = (px * (cells - cx[..., None]) ** 2).sum(-1).clamp(min=0).sqrt()
+    sy = (py * (cells - cy[..., None]) ** 2).sum(-1).clamp(min=0).sqrt()
+    return torch.stack([cx, cy, sx, sy], dim=-1)
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+class CalibrationLayer(nn.Module):
+    """One round of candidate-text calibration (see the module docstring); pre-norm, residual."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float, use_text: bool):
+        super().__init__()
+        self.use_text = use_text
+        attention = lambda: nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)  # noqa: E731
+        if use_text:
+            self.norm_read, self.norm_read_text = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+            self.read_text = attention()
+            self.norm_write, self.norm_write_cand = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+            self.write_text = attention()
+            self.norm_text_ffn = nn.LayerNorm(hidden)
+            self.text_ffn = _mlp(hidden, 2 * hidden, hidden, dropout)
+        self.norm_self = nn.LayerNorm(hidden)
+        self.self_attn = attention()
+        self.norm_ffn = nn.LayerNorm(hidden)
+        self.ffn = _mlp(hidden, 4 * hidden, hidden, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, cand: Tensor, text: Tensor, text_padding: Tensor) -> Tuple[Tensor, Tensor]:
+        """cand [B, N, H], text [B, T, H], text_padding bool [B, T] (True = pad) -> (cand, text), same shapes."""
+        if self.use_text:
+            t = self.norm_read_text(text)
+            cand = cand + self.drop(self.read_text(self.norm_read(cand), t, t, key_padding_mask=text_padding, need_weights=False)[0])
+            c = self.norm_write_cand(cand)
+            text = text + self.drop(self.write_text(self.norm_write(text), c, c, need_weights=False)[0])
+            text = text + self.text_ffn(self.norm_text_ffn(text))
+        c = self.norm_self(cand)
+        cand = cand + self.drop(self.self_attn(c, c, c, need_weights=False)[0])
+        cand = cand + self.ffn(self.norm_ffn(cand))
+        return cand, text
+
+
+class CalibratedReranker(nn.Module):
+    """Candidates calibrated against the expression, fused with DeRIS's score, with a failure head.
+
+    `forward` gives the raw outputs, `decide` applies the decision rule. `rule` holds the
+    operating point in use; `operating_points` the named ones stored with it ("tuned",
+    "conservative").
+    """
+
+    reads_text = True
+
+    def __init__(self, config: CalibratedConfig, rule: DecisionRule, operating_points: Optional[Dict[str, DecisionRule]] = None):
+        super().__init__()
+        if config.fusion not in FUSIONS:
+            raise InputError(f"fusion must be one of {FUSIONS}, got {config.fusion!r}")
+        self.config, self.rule = config, rule
+        self.operating_points = dict(operating_points or {})
+        h, n = config.hidden_dim, config.n_queries
+        self.candidate_encoder = nn.Sequential(
+            nn.LayerNorm(config.feature_dim), nn.Linear(config.feature_dim, h), nn.GELU(), nn.Linear(h, h)
+        )
+        self.text_encoder = nn.Sequential(nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, h))
+        self.layers = nn.ModuleList(CalibrationLayer(h, config.n_heads, config.dropout, config.use_text) for _ in range(config.n_layers))
+        self.norm_cand, self.norm_text = nn.LayerNorm(h), nn.LayerNorm(h)
+        self.calibration_head = _mlp(2 * h, h, 1, config.dropout)
+        self.fusion_deris = nn.Parameter(torch.ones(()))
+        self.fusion_calibrated = nn.Parameter(torch.zeros(()))
+        self.failure_head = nn.Sequential(
+            nn.Linear(4 * h + 2 * n + 1, h), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(h, h // 2), nn.GELU(), nn.Linear(h // 2, 1)
+        )
+
+    # --- network ----------------------------------------------------------------------
+    def candidate_features(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext) -> Tensor:
+        """[B, N, feature_dim]: query, cognition, mask statistics, score, referring logits, grid (, geometry)."""
+        geometry = [mask_geometry(grid_sigs)] if self.config.geometry else []
+        return torch.cat([query_embed, text.cognition_embed, mask_stats, scores[..., None], text.refer_logits, grid_sigs, *geometry], dim=-1)
+
+    def forward(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Raw outputs: (default_index [B], p_fail_logit [B], fused [B, N], calibrated [B, N]).
+
+        query_embed [B, N, D], scores [B, N] referring probabilities, mask_stats [B, N, 4],
+        grid_sigs [B, N, 675], text: `TextContext` (refer_logits [B, N, K], cognition_embed
+        [B, N, D], text_feat [B, T, D], text_padding bool [B, T]).
+        """
+        padding = _never_all_padding(text.text_padding)
+        cand = self.candidate_encoder(self.candidate_features(query_embed, scores, mask_stats, grid_sigs, text))
+        tokens = self.text_encoder(text.text_feat)
+        for layer in self.layers:
+            cand, tokens = layer(cand, tokens, padding)
+        cand, tokens = self.norm_cand(cand), self.norm_text(tokens)
+        pooled = pooled_text(tokens, padding)  # [B, H]
+        if not self.config.use_text:
+            pooled = torch.zeros_like(pooled)  # the ablation reads no text at all
+        calibrated = self.calibration_head(torch.cat([cand, cand * pooled[:, None]], dim=-1)).squeeze(-1)
+        fused = self.fuse(scores, calibrated)
+        default_index = scores.argmax(dim=1)
+        p_fail_logit = self.failure_head(self._summary(cand, pooled, scores, fused, default_index)).squeeze(-1)
+        return default_index, p_fail_logit, fused, calibrated
+
+    def fuse(self, scores: Tensor, calibrated: Tensor) -> Tensor:
+        """[B, N] fused logits: w_deris * log(score) + w_cal * calibrated (calibrated alone when fusion="none")."""
+        if self.config.fusion == "none":
+            return calibrated
+        return self.fusion_deris * scores.clamp(min=LOG_SCORE_FLOOR).log() + self.fusion_calibrated * calibrated
+
+    def _summary(self, cand: Tensor, pooled: Tensor, scores: Tensor, fused: Tensor, default_index: Tensor) -> Tensor:
+        """[B, 4H + 2N + 1] permutation-invariant input of the failure head (fused terms detached)."""
+        n = cand.shape[1]
+        default = cand.gather(1, default_index[:, None, None].expand(-1, 1, cand.shape[-1])).squeeze(1)
+        is_default = torch.arange(n, device=cand.device)[None, :] == default_index[:, None]
+        best_alternative = cand.masked_fill(is_default[..., None], float("-inf")).amax(dim=1)
+        fused = fused.detach()
+        advantage = fused.masked_fill(is_default, float("-inf")).amax(dim=1) - fused.gather(1, default_index[:, None]).squeeze(1)
+        sorted_scores = scores.sort(dim=1, descending=True).values
+        sorted_probs = fused.softmax(dim=1).sort(dim=1, descending=True).values
+        return torch.cat([default, best_alternative, cand.mean(dim=1), pooled, sorted_scores, sorted_probs, advantage[:, None]], dim=-1)
+
+    # --- decisions ----------------------------------------------------------------------
+    @torch.no_grad()
+    def decide(self, query_embed, scores, mask_stats, grid_sigs, text: Optional[TextContext] = None) -> GateDecision:
+        """Run the re-ranker and apply its rule. Shapes as in `forward`; `rank` = fused logit minus
+        Query-0's; `calibrated` = the calibrated logits [B, N]."""
+        inputs = self._checked_inputs(query_embed, scores, mask_stats, grid_sigs, text)
+        default_index, p_fail_logit, fused, calibrated = self(*inputs)
+        return dataclasses.replace(apply_rule(self.rule, default_index, p_fail_logit, fused), calibrated=calibrated)
+
+    def _checked_inputs(self, query_embed, scores, mask_stats, grid_sigs, text):
+        cfg = self.config
+        if text is None:
+            raise InputError("the calibrated re-ranker reads the expression: pass text=TextContext (Candidates.text)")
+        t = text.text_feat.shape[1] if torch.is_tensor(text.text_feat) and text.text_feat.dim() == 3 else "T"
+        expected = {
+            "query_embed": (query_embed, (cfg.n_queries, cfg.query_dim)),
+            "scores": (scores, (cfg.n_queries,)),
+            "mask_stats": (mask_stats, (cfg.n_queries, N_MASK_STATS)),
+            "grid_sigs": (grid_sigs, (cfg.n_queries, GRID_SIGNATURE_DIM)),
+            "refer_logits": (text.refer_logits, (cfg.n_queries, cfg.n_classes)),
+            "cognition_embed": (text.cognition_embed, (cfg.n_queries, cfg.text_dim)),
+            "text_feat": (text.text_feat, (t, cfg.text_dim)),
+            "text_padding": (text.text_padding, (t,)),
+        }
+        batch = None
+        for name, (tensor, tail) in expected.items():
+            want = "[B, " + ", ".join(map(str, tail)) + "]"
+            if not torch.is_tensor(tensor):
+                raise InputError(f"re-ranker input {name}: expected a tensor of shape {want}, got {type(tensor).__name__}")
+            found = tuple(tensor.shape)
+            if len(found) != len(tail) + 1 or found[1:] != tail or (batch is not None and found[0] != batch):
+                raise InputError(
+                    f"re-ranker input {name}: expected shape {want}" + (f" with B={batch}" if batch is not None else "")
+                    + f", found {list(found)}; this re-ranker was built for query dim {cfg.query_dim}, "
+                    f"text dim {cfg.text_dim} and N={cfg.n_queries}"
+                )
+            batch = found[0]
+        param = next(self.parameters())
+        cast = [x.to(device=param.device, dtype=param.dtype) for x in (query_embed, scores, mask_stats, grid_sigs)]
+        return (*cast, text.to(device=param.device, dtype=param.dtype))
+
+    def settings(self) -> Dict[str, Any]:
+        """Config, decision rule and named operating points as plain JSON-able values."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "rule": dataclasses.asdict(self.rule),
+            "operating_points": {name: dataclasses.asdict(rule) for name, rule in self.operating_points.items()},
+        }
+
+
+def _never_all_padding(padding: Tensor) -> Tensor:
+    """bool [B, T] padding with the first token kept where a row would otherwise be all padding
+    (attention over no keys is undefined)."""
+    padding = padding.bool()
+    first = torch.zeros_like(padding)
+    first[:, :1] = True
+    return padding & ~(first & padding.all(dim=1, keepdim=True))

@@ -1,0 +1,77 @@
+"""The keep-or-switch decision shared by every re-ranker.
+
+A re-ranker gives, for B pairs with N candidates each: the default candidate's slot
+(`default_index` [B], DeRIS's own answer), a failure logit (`p_fail_logit` [B]: "the default
+is wrong") and a per-candidate ranking value (`gain` [B, N]: a Venice-H1 gate's predicted IoU
+gain, a calibrated re-ranker's fused logit). `apply_rule` turns them into a decision:
+
+    p_fail = sigmoid(p_fail_logit / temp);  rank = gain - gain[default]
+    switch to argmax(rank) only if p_fail > tau, and (when margin_pred is set) the best
+    alternative's rank exceeds margin_pred, and (when margin_gap > 0) the best alternative
+    beats the second best by more than margin_gap.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """Keep/switch thresholds. `margin_pred=None` means no margin test (the packaged rule)."""
+
+    tau: float
+    temp: float = 1.0
+    margin_pred: Optional[float] = 0.02
+    margin_gap: float = 0.0
+
+
+@dataclass
+class GateDecision:
+    """What the gate decided for a batch of B pairs with N candidates each (slot order).
+
+    p_fail_logit [B], p_fail [B] in [0, 1]; rank [B, N] predicted IoU gain relative to the
+    default candidate (0 at the default); default_index [B] and selected [B] int64 slot
+    indices (slots, not ranks: `Result.selected_rank` is a rank by score); switched [B] bool
+    (selected != default); calibrated [B, N]: a text-aware
+    re-ranker's calibrated candidate-text logits (None for a Venice-H1 gate).
+    """
+
+    p_fail_logit: torch.Tensor
+    p_fail: torch.Tensor
+    rank: torch.Tensor
+    default_index: torch.Tensor
+    selected: torch.Tensor
+    switched: torch.Tensor
+    calibrated: Optional[torch.Tensor] = None
+
+
+def apply_rule(rule: DecisionRule, default_index: Tensor, p_fail_logit: Tensor, gain: Tensor) -> GateDecision:
+    """The keep/switch decision from a re-ranker's outputs (see the module docstring).
+
+    default_index [B] int64, p_fail_logit [B], gain [B, N] raw predicted gains.
+    """
+    rank = gain - gain.gather(1, default_index[:, None])
+    p_fail = torch.sigmoid(p_fail_logit / rule.temp)
+    is_default = torch.arange(rank.shape[1], device=rank.device)[None, :] == default_index[:, None]
+    alternatives = rank.masked_fill(is_default, float("-inf"))
+    top = alternatives.topk(min(2, rank.shape[1]), dim=1).values
+    use_rerank = p_fail > rule.tau
+    if rule.margin_pred is not None:
+        use_rerank &= top[:, 0] > rule.margin_pred
+    if rule.margin_gap > 0 and top.shape[1] > 1:
+        use_rerank &= (top[:, 0] - top[:, 1]) > rule.margin_gap
+    selected = torch.where(use_rerank, rank.argmax(dim=1), default_index)
+    return GateDecision(p_fail_logit, p_fail, rank, default_index, selected, selected != default_index)
+
+
+def check_tau(tau: Optional[float]) -> None:
+    """Raise InputError unless `tau` is None or a number in [0, 1] (NaN is refused)."""
+    if tau is not None and not (isinstance(tau, numbers.Real) and 0.0 <= tau <= 1.0):
+        raise InputError(f"tau must be between 0 and 1 (the gate switches when p_fail > tau), got {tau!r}")
