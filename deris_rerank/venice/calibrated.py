@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..settings import FUSIONS
 from .decision import DecisionRule, GateDecision, apply_rule
-from .gate import N_MASK_STATS
+from .gate import N_MASK_STATS, check_input_shapes
 from .signatures import GRID_FIELDS, GRID_SIGNATURE_DIM, GRID_SIZES
 from .text_context import TextContext, pooled_text
 
@@ -237,19 +237,7 @@ class CalibratedReranker(nn.Module):
             "text_feat": (text.text_feat, (t, cfg.text_dim)),
             "text_padding": (text.text_padding, (t,)),
         }
-        batch = None
-        for name, (tensor, tail) in expected.items():
-            want = "[B, " + ", ".join(map(str, tail)) + "]"
-            if not torch.is_tensor(tensor):
-                raise InputError(f"re-ranker input {name}: expected a tensor of shape {want}, got {type(tensor).__name__}")
-            found = tuple(tensor.shape)
-            if len(found) != len(tail) + 1 or found[1:] != tail or (batch is not None and found[0] != batch):
-                raise InputError(
-                    f"re-ranker input {name}: expected shape {want}" + (f" with B={batch}" if batch is not None else "")
-                    + f", found {list(found)}; this re-ranker was built for query dim {cfg.query_dim}, "
-                    f"text dim {cfg.text_dim} and N={cfg.n_queries}"
-                )
-            batch = found[0]
+        check_input_shapes(expected, "re-ranker", f"query dim {cfg.query_dim}, text dim {cfg.text_dim} and N={cfg.n_queries}")
         param = next(self.parameters())
         cast = [x.to(device=param.device, dtype=param.dtype) for x in (query_embed, scores, mask_stats, grid_sigs)]
         return (*cast, text.to(device=param.device, dtype=param.dtype))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,24 @@ class GateConfig:
     def feature_dim(self) -> int:
         """Per-candidate input width: query + 4 mask statistics + score (+ 675 grid values)."""
         return self.query_dim + N_MASK_STATS + 1 + (GRID_SIGNATURE_DIM if self.use_grid else 0)
+
+
+def check_input_shapes(expected: Mapping[str, Tuple[Any, Tuple]], kind: str, built_for: str) -> None:
+    """Raise InputError unless every `name: (tensor, tail)` of `expected` is a tensor of shape
+    [B, *tail] with one B for all; `kind` ("gate") and `built_for` ("query dim 256 and N=10")
+    go into the message."""
+    batch = None
+    for name, (tensor, tail) in expected.items():
+        want = "[B, " + ", ".join(map(str, tail)) + "]"
+        if not torch.is_tensor(tensor):
+            raise InputError(f"{kind} input {name}: expected a tensor of shape {want}, got {type(tensor).__name__}")
+        found = tuple(tensor.shape)
+        if len(found) != len(tail) + 1 or found[1:] != tail or (batch is not None and found[0] != batch):
+            raise InputError(
+                f"{kind} input {name}: expected shape {want}" + (f" with B={batch}" if batch is not None else "")
+                + f", found {list(found)}; this {kind} was built for {built_for}"
+            )
+        batch = found[0]
 
 
 def _transformer(cfg: GateConfig) -> nn.TransformerEncoder:
@@ -126,19 +144,7 @@ class VeniceGate(nn.Module):
         }
         if cfg.use_grid:
             expected["grid_sigs"] = (grid_sigs, (cfg.n_queries, GRID_SIGNATURE_DIM))
-        batch = None
-        for name, (tensor, tail) in expected.items():
-            want = "[B, " + ", ".join(map(str, tail)) + "]"
-            if not torch.is_tensor(tensor):
-                raise InputError(f"gate input {name}: expected a tensor of shape {want}, got {type(tensor).__name__}")
-            found = tuple(tensor.shape)
-            if len(found) != len(tail) + 1 or found[1:] != tail or (batch is not None and found[0] != batch):
-                raise InputError(
-                    f"gate input {name}: expected shape {want}"
-                    + (f" with B={batch}" if batch is not None else "")
-                    + f", found {list(found)}; this gate was built for query dim {cfg.query_dim} and N={cfg.n_queries}"
-                )
-            batch = found[0]
+        check_input_shapes(expected, "gate", f"query dim {cfg.query_dim} and N={cfg.n_queries}")
         param = next(self.parameters())
         cast = [t.to(device=param.device, dtype=param.dtype) for t, _ in expected.values()]
         return (*cast, None) if not cfg.use_grid else tuple(cast)
