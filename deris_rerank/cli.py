@@ -33,6 +33,13 @@ def _add_tau(parser) -> None:
     parser.add_argument("--tau", type=float, help="override the gate's failure threshold in [0, 1]: switch only if p_fail > tau")
 
 
+def _add_operating_point(parser) -> None:
+    """--operating-point, for the commands that run a re-ranker."""
+    parser.add_argument("--operating-point", metavar="NAME",
+                        help="use one of the re-ranker's stored operating points instead of its own rule; the calibrated "
+                        "re-ranker has 'tuned' (its rule) and 'conservative' (fewer, safer switches); --tau still overrides")
+
+
 def _add_device_dtype(parser, dtype: bool = True) -> None:
     """--device (and --dtype) of every command that runs a model."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
@@ -77,13 +84,15 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-gate", action="store_true", help="do not re-rank: DeRIS's own first choice")
     _add_device_dtype(group)
     _add_tau(group)
+    _add_operating_point(group)
 
 
 def _pipeline(args: argparse.Namespace):
     from .pipeline import Pipeline
 
     gate = False if args.no_gate else args.gate
-    return Pipeline(deris=args.deris, gate=gate, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, tau=args.tau)
+    return Pipeline(deris=args.deris, gate=gate, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, tau=args.tau,
+                    operating_point=args.operating_point)
 
 
 def _summary(result, written) -> str:
@@ -271,7 +280,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .venice.gate_files import load_gate
     from .workflow.evaluate import evaluate_caches, markdown
 
-    gates = {Path(path).stem: load_gate(path, tau=args.tau) for path in args.gate or []}
+    gates = {Path(path).stem: load_gate(path, tau=args.tau, operating_point=args.operating_point) for path in args.gate or []}
     report = evaluate_caches([Path(p) for p in args.cache], next(iter(gates.values()), None), Path(args.out))
     print(markdown(report))
     if len(gates) > 1:
@@ -455,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--gate", nargs="+", help="gate / re-ranker checkpoint (omit to evaluate DeRIS alone); "
                           "several: the tables are for the first, and OUT/ablation.md compares them all")
     _add_tau(evaluate)
+    _add_operating_point(evaluate)
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.set_defaults(run=cmd_evaluate)
 

@@ -24,7 +24,8 @@ from .checkpoints import load_deris
 from .deris.loopback import BATCH_SEMANTICS
 from .deris.model import DerisModel, DerisOutput, ImageFeatures
 from .errors import DerisRerankError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
-from .venice.decision import check_tau
+from .venice.calibrated import CalibratedReranker
+from .venice.decision import check_tau, named_rule
 from .venice.gate import VeniceGate
 from .venice.gate_files import load_gate
 from .images import load_image
@@ -40,6 +41,10 @@ EMBEDDED_DEFAULT_NOTICE = (
     "(coloured shapes such as \"the biggest cross\"); on photographs its masks mean nothing. For real images "
     "pass the official weights: --deris/--tokenizer/--gate (Python: deris=, tokenizer=, gate=); see README"
 )
+
+
+Reranker = Union[VeniceGate, CalibratedReranker]
+RERANKERS = (VeniceGate, CalibratedReranker)
 
 
 def check_settings(tau: Optional[float] = None, batch_semantics: str = "per_sample", query_source: str = "perception") -> None:
@@ -104,13 +109,17 @@ class Pipeline:
     (`deris_rerank/embedded/deris-tiny`, trained on RefShapes).
     tokenizer: a `Beit3Tokenizer`, or BEiT-3's sentencepiece model (default: `beit3.spm` or
     `tokenizer.model` next to the DeRIS weights, or in the weights folders).
-    gate: a `VeniceGate`, or a Venice-H1 checkpoint; None looks for `gate.safetensors` beside
+    gate: a re-ranker (`VeniceGate` or `CalibratedReranker`), or its file (a Venice-H1
+    checkpoint, or our `.safetensors` + `.json`); None looks for `gate.safetensors` beside
     the DeRIS weights, then `venice_h1.*` in the weights folders, and runs without a gate
     (DeRIS's own Query-0) when there is none; False never uses one. (`model_files` says where
     files are looked for; `Pipeline.from_files` takes paths only.)
     device: "auto" picks CUDA when available; built objects are moved there. dtype: None
     (float32), or autocast in bfloat16 (CPU or CUDA) or float16 (CUDA); the deformable sampling,
-    softmaxes and signatures stay in float32. tau overrides the gate's threshold.
+    softmaxes and signatures stay in float32.
+    operating_point: one of the re-ranker's stored operating points instead of its own rule
+    (the calibrated re-ranker stores "tuned", its rule, and "conservative": fewer switches, at
+    most ~1 % harmful on its tuning split); tau then overrides the threshold.
     """
 
     def __init__(
@@ -123,6 +132,7 @@ class Pipeline:
         tau: Optional[float] = None,
         batch_semantics: str = "per_sample",
         query_source: str = "perception",
+        operating_point: Optional[str] = None,
     ):
         check_settings(tau=tau, batch_semantics=batch_semantics, query_source=query_source)
         self.device = resolve_device(device)
@@ -141,16 +151,21 @@ class Pipeline:
         else:
             self.tokenizer_path = resolve_tokenizer(tokenizer, self.deris_path)
             self.tokenizer = Beit3Tokenizer(self.tokenizer_path)
-        if isinstance(gate, VeniceGate):
+        if isinstance(gate, RERANKERS):
             self.gate_path: Optional[Path] = None
-            self.gate: Optional[VeniceGate] = gate.to(self.device).eval()
+            self.gate: Optional[Reranker] = gate.to(self.device).eval()
+            if operating_point is not None:
+                self.gate.rule = named_rule(self.gate.operating_points, operating_point, f"the given {type(gate).__name__}")
             if tau is not None:
                 self.gate.rule = dataclasses.replace(self.gate.rule, tau=float(tau))
         else:
             self.gate_path = resolve_gate(gate, self.deris_path)
             self.gate = None if self.gate_path is None else load_gate(
-                self.gate_path, device=self.device, tau=tau, query_dim=self.config.hidden_dim
+                self.gate_path, device=self.device, tau=tau, query_dim=self.config.hidden_dim, operating_point=operating_point
             )
+        if operating_point is not None and self.gate is None:
+            raise InputError(f"operating point {operating_point!r} asks for a re-ranker, but this pipeline runs without one; "
+                             "pass gate=... (--gate) or leave the operating point out")
         self.is_embedded_default = self.deris_path is not None and self.deris_path.resolve() == DEFAULT_MODEL.resolve()
         if self.is_embedded_default:
             warn_embedded_default()
@@ -164,9 +179,9 @@ class Pipeline:
         **settings: Any,
     ) -> "Pipeline":
         """A pipeline from model files (paths or a preset name, found as `model_files` says; None:
-        the embedded default). `settings`: device, dtype, tau, batch_semantics, query_source."""
+        the embedded default). `settings`: device, dtype, tau, operating_point, batch_semantics, query_source."""
         for name, value in (("deris", deris), ("tokenizer", tokenizer), ("gate", gate)):
-            if isinstance(value, (DerisModel, Beit3Tokenizer, VeniceGate)):
+            if isinstance(value, (DerisModel, Beit3Tokenizer, *RERANKERS)):
                 raise InputError(f"Pipeline.from_files: {name} must be a path, got a built {type(value).__name__}; use Pipeline(...)")
         return cls(deris=deris, gate=gate, tokenizer=tokenizer, **settings)
 

@@ -1,15 +1,17 @@
 """extract -> train-gate -> evaluate, end to end on RefShapes with the test-sized model."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from deris_rerank import Pipeline, cli
 from deris_rerank.data import RefShapes
-from deris_rerank.venice.gate_files import load_gate
 from deris_rerank.preprocess import resize_mask_nearest
 from deris_rerank.venice.cache import read_cache
+from deris_rerank.venice.gate_files import load_gate
 from deris_rerank.workflow.extract import mask_overlap
 from deris_rerank.workflow.train_gate import load_gate_data
 
@@ -196,6 +198,54 @@ def test_calibrated_reranker_trains_evaluates_and_runs_in_the_pipeline(caches, t
         assert np.allclose(r.calibrated_scores, decision.calibrated[b, r.slots].numpy(), atol=1e-4)
         assert np.allclose(r.rerank_scores, decision.rank[b, r.slots].numpy(), atol=1e-4) and r.rerank_scores[0] == 0
         assert r.to_json()["calibrated_scores"] == r.calibrated_scores
+
+
+def test_operating_points_are_reported_and_selectable(caches, tiny_model_dir, tmp_path, capsys):
+    from deris_rerank.errors import CheckpointError, InputError
+
+    args = ["train-gate", "--arch", "calibrated", "--train", str(caches / "train"), "--tune", str(caches / "tune"),
+            "--device", "cpu", "--quiet", *SMALL, "--out", str(tmp_path / "cal")]
+    assert cli.main(args) == 0
+    capsys.readouterr()
+    reranker = load_gate(tmp_path / "cal.safetensors")
+    reranker.operating_points["conservative"] = dataclasses.replace(reranker.rule, tau=0.97, margin_pred=4.0)  # distinct from tuned
+    from deris_rerank.venice.gate_files import save_calibrated
+
+    save_calibrated(reranker, tmp_path / "cal")
+    assert cli.main(["evaluate", "--cache", str(caches / "val"), "--gate", str(tmp_path / "cal.safetensors"),
+                     "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    points = report["operating_points"]
+    assert set(points) == {"tuned", "conservative"} and points["conservative"]["rule"]["tau"] == 0.97
+    assert points["tuned"]["selected_miou"] == report["overall"]["selected_miou"]  # the rule in use is "tuned"
+    assert "| conservative | 0.97 | 4 |" in (tmp_path / "report" / "metrics.md").read_text()
+    assert cli.main(["evaluate", "--cache", str(caches / "val"), "--gate", str(tmp_path / "cal.safetensors"),
+                     "--operating-point", "conservative", "--out", str(tmp_path / "report2")]) == 0
+    again = json.loads((tmp_path / "report2" / "metrics.json").read_text())
+    assert again["overall"]["selected_miou"] == points["conservative"]["selected_miou"]
+    # the pipeline: from the file or a built object, tau still overriding
+    deris = tiny_model_dir / "deris"
+    from_file = Pipeline(deris=deris, gate=tmp_path / "cal.safetensors", device="cpu", operating_point="conservative")
+    assert from_file.gate.rule == reranker.operating_points["conservative"]
+    built = Pipeline(deris=deris, gate=load_gate(tmp_path / "cal.safetensors"), device="cpu", operating_point="conservative", tau=0.5)
+    assert built.gate.rule == dataclasses.replace(reranker.operating_points["conservative"], tau=0.5)
+    with pytest.raises(CheckpointError, match="no operating point 'bold'.*tuned"):
+        Pipeline(deris=deris, gate=load_gate(tmp_path / "cal.safetensors"), device="cpu", operating_point="bold")
+    with pytest.raises(CheckpointError, match="Venice-H1 gate.*no operating point"):
+        Pipeline(deris=deris, gate=tiny_model_dir / "gate.safetensors", device="cpu", operating_point="conservative")
+    with pytest.raises(InputError, match="runs without one"):
+        Pipeline(deris=deris, gate=False, device="cpu", operating_point="conservative")
+    sample = RefShapes("val", num_images=1, seed=3, image_size=(128, 128))[0]
+    image = tmp_path / "scene.png"
+    Image.fromarray(sample.load_image()).save(image)
+    code = cli.main(["segment", "--image", str(image), "--text", sample.text, "--deris", str(deris), "--gate",
+                     str(tmp_path / "cal.safetensors"), "--operating-point", "conservative", "--device", "cpu",
+                     "--out", str(tmp_path / "seg")])
+    assert code == 0
+    code = cli.main(["segment", "--image", str(image), "--text", sample.text, "--deris", str(deris), "--gate",
+                     str(tmp_path / "cal.safetensors"), "--operating-point", "bold", "--device", "cpu", "--out", str(tmp_path / "seg2")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no operating point 'bold'" in err and "Traceback" not in err
 
 
 def test_text_aware_training_on_an_old_cache_fails_with_one_line(caches, tmp_path, capsys):

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 
 
 @dataclass(frozen=True)
@@ -75,3 +75,11 @@ def check_tau(tau: Optional[float]) -> None:
     """Raise InputError unless `tau` is None or a number in [0, 1] (NaN is refused)."""
     if tau is not None and not (isinstance(tau, numbers.Real) and 0.0 <= tau <= 1.0):
         raise InputError(f"tau must be between 0 and 1 (the gate switches when p_fail > tau), got {tau!r}")
+
+
+def named_rule(points: Mapping[str, DecisionRule], name: str, where: object) -> DecisionRule:
+    """The operating point `name` of a re-ranker (`where`: its file or description, for the message)."""
+    if name not in points:
+        raise CheckpointError(f"{where} has no operating point {name!r} (it has: {', '.join(sorted(points)) or 'none'}); "
+                              "leave the operating point out to use its own rule, or set tau instead")
+    return points[name]

@@ -100,6 +100,7 @@ class VeniceGate(nn.Module):
         super().__init__()
         self.config = config
         self.rule = rule
+        self.operating_points: Dict[str, DecisionRule] = {}  # a Venice-H1 gate has only its rule
 
     # --- subclass hooks -------------------------------------------------------------
     def candidate_features(self, query_embed, scores, mask_stats, grid_sigs) -> torch.Tensor:

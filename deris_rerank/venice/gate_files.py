@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError, InputError, OutputError
 from ..fileio import atomic_write, check_format, read_json, read_safetensors, read_torch_file, state_dict_mismatch
 from .calibrated import CalibratedConfig, CalibratedReranker
-from .decision import DecisionRule, check_tau
+from .decision import DecisionRule, check_tau, named_rule
 from .gate import GATE_CLASSES, N_MASK_STATS, PACKAGED, RELEASED, GateConfig, VeniceGate
 from .signatures import GRID_SIGNATURE_DIM, GRID_SIZES
 
@@ -174,7 +174,7 @@ def load_gate(
         config = _config_from_state_dict(state, settings, path)
         rule = _rule_from_settings(config.flavour, settings, overrides, path)
     if operating_point is not None:
-        raise CheckpointError(f"{path} is a Venice-H1 gate: it has no named operating points (use tau=...)")
+        named_rule({}, operating_point, f"{path} (a Venice-H1 gate)")
     if query_dim is not None and query_dim != config.query_dim:
         raise CheckpointError(
             f"{path} was trained on query embeddings of size {config.query_dim}, "
@@ -220,9 +220,7 @@ def calibrated_from_files(
     values["grid_scales"] = tuple(values.get("grid_scales", GRID_SIZES))
     config = CalibratedConfig(**values)
     points = {name: _rule(rule) for name, rule in sidecar.get("operating_points", {}).items()}
-    if operating_point is not None and operating_point not in points:
-        raise CheckpointError(f"{path} has no operating point {operating_point!r} (it has: {', '.join(sorted(points)) or 'none'})")
-    base = points[operating_point] if operating_point else _rule(sidecar["rule"])
+    base = named_rule(points, operating_point, path) if operating_point is not None else _rule(sidecar["rule"])
     rule = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     reranker = CalibratedReranker(config, rule, points)
     mismatch = state_dict_mismatch(reranker.state_dict(), state)

@@ -3,7 +3,7 @@
 Writes `metrics.json`, `metrics.md` (a table per split and overall, with the evaluation
 protocol printed above it) and, when matplotlib is installed, `roc.png` (the gate as a
 failure detector), `coverage_risk.png` (share of pairs switched vs harmful switches and mIoU
-gain as tau varies) and `per_split.png` (mIoU gain per split). Metric definitions:
+gain as tau varies, with the re-ranker's stored operating points marked) and `per_split.png` (mIoU gain per split). Metric definitions:
 `workflow/metrics.py` and README.
 """
 from __future__ import annotations
@@ -56,6 +56,7 @@ def evaluate(data: GateData, gate: Optional[VeniceGate]) -> Dict[str, object]:
         selected, p_fail = decision.selected, decision.p_fail.numpy()
     else:
         outputs, selected, p_fail = None, default, None
+    points = getattr(gate, "operating_points", {}) if gate is not None else {}
     arrays = {
         "ious": data.ious.numpy().astype(np.float64),
         "inter": data.inter.numpy(),
@@ -76,6 +77,11 @@ def evaluate(data: GateData, gate: Optional[VeniceGate]) -> Dict[str, object]:
     }
     if gate is not None:
         report["curves"] = curves(data, gate, outputs)
+    if points:  # every stored operating point on the same pairs, overall
+        report["operating_points"] = {
+            name: {"rule": dataclasses.asdict(rule), **evaluate_choices(**{**arrays, "selected": apply_rule(rule, *outputs).selected.numpy()}, p_fail=p_fail)}
+            for name, rule in points.items()
+        }
     return report
 
 
@@ -126,6 +132,13 @@ def markdown(report: Dict[str, object]) -> str:
     for name, metrics in rows:
         cells = [fmt.format(metrics[key]) if metrics.get(key) is not None else "-" for _, key, fmt in TABLE_COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("operating_points"):
+        lines += ["", "Stored operating points of the re-ranker, overall (the rule in use is the one in the protocol):", "",
+                  "| operating point | tau | margin | gate mIoU | delta_full | switch % | harmful % |", "|---|---|---|---|---|---|---|"]
+        for name, m in report["operating_points"].items():
+            margin = m["rule"]["margin_pred"]
+            lines.append(f"| {name} | {m['rule']['tau']:g} | {'-' if margin is None else f'{margin:g}'} | {m['selected_miou']:.2f} | "
+                         f"{m['delta_full']:+.2f} | {m['switch_rate']:.2f} | {m['harmful_switch_rate']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -155,6 +168,9 @@ def write_report(report: Dict[str, object], out_dir: Path) -> List[Path]:
         figure, axis = plt.subplots(figsize=(5.5, 4.5))
         axis.plot(c["switch_rate"], c["harmful_switch_rate"], label="harmful switches (% of pairs)")
         axis.plot(c["switch_rate"], c["delta_full"], label="mIoU gain (points)")
+        for name, m in report.get("operating_points", {}).items():
+            axis.plot([m["switch_rate"]] * 2, [m["harmful_switch_rate"], m["delta_full"]], "o:", color="black", markersize=4)
+            axis.annotate(name, (m["switch_rate"], m["delta_full"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.set(xlabel="pairs switched (%) as tau goes from 1 to 0", title="Coverage and risk over tau")
         axis.legend()
         written.append(_save(figure, out_dir / "coverage_risk.png"))
