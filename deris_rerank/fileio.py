@@ -35,9 +35,9 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
     target = Path(target)
     tmp = _create_temp_beside(target)
     try:
-        if target.exists():
-            os.chmod(tmp, stat.S_IMODE(target.stat().st_mode))
+        mode = stat.S_IMODE((target if target.exists() else tmp).stat().st_mode)
         write(str(tmp))
+        os.chmod(tmp, mode)  # a writer may have made its own file (safetensors creates it 0o600)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

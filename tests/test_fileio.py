@@ -6,9 +6,11 @@ import stat
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from deris_rerank.errors import CheckpointError
 from deris_rerank.fileio import atomic_write, read_torch_file
+from deris_rerank.venice.cache import write_shard
 from deris_rerank.visualize import save_png
 
 
@@ -32,9 +34,13 @@ def test_new_files_get_the_mode_open_would_give(tmp_path, umask, value, expected
     save_png(tmp_path / "m.png", np.ones((4, 4), bool))
     with open(tmp_path / "plain.txt", "w") as handle:
         handle.write("x")
+    atomic_write(tmp_path / "w.safetensors", lambda tmp: save_file({"x": torch.zeros(2)}, tmp))  # safetensors makes 0o600 files
+    write_shard(tmp_path / "cache" / "shard_00000.safetensors", {"x": torch.zeros(1, 2)}, ["a"], {})
     assert mode_of(tmp_path / "plain.txt") == expected
     assert mode_of(tmp_path / "a.txt") == expected
     assert mode_of(tmp_path / "m.png") == expected
+    assert mode_of(tmp_path / "w.safetensors") == expected
+    assert mode_of(tmp_path / "cache" / "shard_00000.safetensors") == expected
 
 
 def test_replacing_a_file_keeps_its_mode_and_leaves_no_temp_files(tmp_path, umask):
