@@ -105,7 +105,9 @@ class MultiwaySelfAttention(nn.Module):
     """Joint multi-head self-attention with multiway projections and sub-LN.
 
     forward(x [B, L, D], split, key_padding_mask [B, L] bool, True = ignore as key) -> [B, L, D].
-    q is scaled by head_dim^-0.5 after its projection; the softmax runs in float32.
+    q is scaled by head_dim^-0.5 after its projection; the softmax runs in float32. float64 runs
+    compute it as upstream does (float32 softmax, rounded back); other dtypes through
+    `scaled_dot_product_attention` (the same sums, fused, in another order).
     """
 
     def __init__(self, config: Beit3Config):
@@ -132,10 +134,14 @@ class MultiwaySelfAttention(nn.Module):
         q = self._heads(self.q_proj(x, split) * self.scaling)
         k = self._heads(self.k_proj(x, split))
         v = self._heads(self.v_proj(x, split))
-        logits = (q @ k.transpose(-1, -2)).masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)
-        attended = (weights @ v).transpose(1, 2).flatten(2)
-        return self.out_proj(self.inner_attn_ln(attended, split), split)
+        if q.dtype == torch.float64:  # upstream's float32 softmax, rounding included
+            logits = (q @ k.transpose(-1, -2)).masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+            weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)
+            attended = weights @ v
+        else:  # fused attention; its softmax runs in float32 for float16/bfloat16 too
+            keep = ~key_padding_mask[:, None, None, :]
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=1.0)
+        return self.out_proj(self.inner_attn_ln(attended.transpose(1, 2).flatten(2), split), split)
 
 
 class EncoderLayer(nn.Module):
