@@ -24,6 +24,7 @@ of 0 gives exactly the decisions without memory.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -129,7 +130,7 @@ class RetrievalMemory(nn.Module):
 
     def settings(self) -> Dict[str, Any]:
         """The config plus the size, as saved in the re-ranker's JSON."""
-        return {**self.config.__dict__, "size": self.size, "key_width": int(self.keys.shape[1])}
+        return {**dataclasses.asdict(self.config), "size": self.size, "key_width": int(self.keys.shape[1])}
 
 
 def storage_state(memory: Optional[RetrievalMemory], prefix: str = "memory.") -> Dict[str, Tensor]:
