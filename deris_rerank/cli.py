@@ -18,6 +18,11 @@ from .version import __version__
 from .settings import (
     FEATURE_SETS,
     FUSIONS,
+    MEMORY_DTYPES,
+    MEMORY_SOURCES,
+    RETRIEVAL_KEY_SPACES,
+    RETRIEVAL_SETTINGS,
+    RETRIEVAL_VALUE_KINDS,
     SHARED_SETTINGS,
     CalibratedSettings,
     DerisTrainSettings,
@@ -119,15 +124,28 @@ def _summary(result, written) -> str:
     )
 
 
+_RETRIEVAL_FLAGS = dict(
+    retrieval=dict(type=int, help="k: give the re-ranker a retrieval memory read by its k nearest entries (default 0: none)"),
+    memory_size=dict(type=int, help="entries (candidates) kept in the memory, a seeded draw; 0 = all (default 20000)"),
+    memory_source=dict(choices=list(MEMORY_SOURCES), help="candidates of the training caches (default) or of the tuning "
+                       "caches (then the weight is chosen out-of-fold on tuning halves)"),
+    retrieval_keys=dict(choices=list(RETRIEVAL_KEY_SPACES), help="memory keys: the re-ranker's candidate representation "
+                        "(cand) or it joined with its pooled text (cand_text, default)"),
+    retrieval_values=dict(choices=list(RETRIEVAL_VALUE_KINDS), help="memory values: IoU gain over Query-0 (default) or IoU"),
+    retrieval_temperature=dict(type=float, help="softmax temperature over the neighbours' cosine similarities (default 0.1)"),
+    memory_dtype=dict(choices=list(MEMORY_DTYPES), help="dtype of the stored keys (default float16)"),
+)
+
+
 def add_settings_flags(parser: argparse.ArgumentParser, settings_class, skip=(), **special) -> None:
     """One `--flag-name` per field of the dataclass `settings_class` (but those named in `skip`), defaulting
-    to the field's default: booleans as --x/--no-x, others typed like the default; `special[name]` replaces type/help."""
+    to the field's default: booleans as --x/--no-x, others typed like the default; `special[name]` replaces type/help (and may replace the default)."""
     for setting in dataclasses.fields(settings_class):
         if setting.name in skip:
             continue
         flag, value = "--" + setting.name.replace("_", "-"), setting.default
         if setting.name in special:
-            parser.add_argument(flag, dest=setting.name, default=value, **special[setting.name])
+            parser.add_argument(flag, dest=setting.name, **{"default": value, **special[setting.name]})
         elif isinstance(value, bool):
             parser.add_argument(flag, dest=setting.name, action=argparse.BooleanOptionalAction, default=value,
                                 help=f"default {'on' if value else 'off'}")
@@ -271,9 +289,45 @@ def _train_calibrated(args: argparse.Namespace, device) -> int:
     tune = load_gate_data([Path(p) for p in args.tune])
     tune.require_text()
     reranker = train_calibrated(train, settings, device=device, log=training_log(args), monitor=None if args.quiet else tune)
-    reranker.rule, reranker.operating_points, tuned = choose_operating_points(reranker, tune, settings)
+    if settings.retrieval:
+        from .workflow.retrieval import choose_retrieval
+
+        memory, reranker.rule, reranker.operating_points, tuned = choose_retrieval(reranker, tune, settings, train=train)
+        reranker.attach_memory(memory)
+    else:
+        reranker.rule, reranker.operating_points, tuned = choose_operating_points(reranker, tune, settings)
     written = save_calibrated(reranker.cpu(), args.out, extra={**settings_record(settings), "tuning": tuned})
     print(json.dumps({"gate": str(written), "rule": reranker.settings()["rule"],
+                      "operating_points": reranker.settings()["operating_points"], **tuned}))
+    return 0
+
+
+def cmd_add_memory(args: argparse.Namespace) -> int:
+    """Give a trained calibrated re-ranker a retrieval memory; re-pick its weight and operating points on --tune."""
+    from .errors import InputError
+    from .fileio import read_json
+    from .venice.calibrated import CalibratedReranker
+    from .venice.gate_files import load_gate, save_calibrated
+    from .workflow.gate_data import load_gate_data
+    from .workflow.retrieval import choose_retrieval
+
+    settings = CalibratedSettings(**{name: getattr(args, name) for name in (*RETRIEVAL_SETTINGS, "seed", "max_harmful",
+                                                                            "conservative_harmful")})
+    if settings.retrieval < 1:
+        raise InputError(f"--retrieval (k, the neighbours read) must be at least 1, got {settings.retrieval}")
+    reranker = load_gate(args.gate)
+    if not isinstance(reranker, CalibratedReranker):
+        raise InputError(f"{args.gate} is a Venice-H1 gate; a retrieval memory needs a calibrated re-ranker (train-gate --arch calibrated)")
+    reranker.attach_memory(None)
+    train = load_gate_data([Path(p) for p in args.train]) if args.train else None
+    tune = load_gate_data([Path(p) for p in args.tune])
+    memory, reranker.rule, reranker.operating_points, tuned = choose_retrieval(reranker, tune, settings, train=train)
+    reranker.attach_memory(memory)
+    sidecar = read_json(Path(args.gate).with_suffix(".json"), "gate settings")
+    kept = {k: v for k, v in sidecar.items() if k not in ("format", "format_version", "config", "rule", "operating_points", "retrieval")}
+    built = {name: getattr(settings, name) for name in (*RETRIEVAL_SETTINGS, "seed", "max_harmful", "conservative_harmful")}
+    written = save_calibrated(reranker, args.out, extra={**kept, "memory_building": built, "tuning": tuned})
+    print(json.dumps({"gate": str(written), "rule": reranker.settings()["rule"], "retrieval": reranker.settings()["retrieval"],
                       "operating_points": reranker.settings()["operating_points"], **tuned}))
     return 0
 
@@ -453,9 +507,27 @@ def build_parser() -> argparse.ArgumentParser:
                                           "to --dropout)")
     add_settings_flags(calibrated, CalibratedSettings, skip=SHARED_SETTINGS, fusion=dict(
         choices=list(FUSIONS), help="learned: DeRIS's log-score + a learned weight x the calibrated logit (default); "
-        "none: the calibrated logit alone"))
+        "none: the calibrated logit alone"), **_RETRIEVAL_FLAGS)
     add_training_run_flags(train)
     train.set_defaults(run=cmd_train_gate)
+
+    add_memory = commands.add_parser(
+        "add-memory",
+        help="give a trained calibrated re-ranker a retrieval memory",
+        description="Keys the candidates of --train (or, with --memory-source tune, of --tune) in the re-ranker's own "
+        "space, keeps --memory-size of them (seeded) with their IoU gain over Query-0 (or IoU), and picks the ensemble "
+        "weight (0 = no retrieval) and the operating points on --tune (out-of-fold halves when the memory holds tuning "
+        "pairs). Writes OUT.safetensors + OUT.json; the input file is not changed.",
+    )
+    add_memory.add_argument("--gate", required=True, help="a calibrated re-ranker (.safetensors)")
+    add_memory.add_argument("--train", nargs="+", help="caches whose candidates fill the memory (--memory-source train)")
+    add_memory.add_argument("--tune", nargs="+", required=True, help="tuning cache split folders (not the evaluation split)")
+    add_memory.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
+    add_settings_flags(add_memory, CalibratedSettings,
+                       skip=[f.name for f in dataclasses.fields(CalibratedSettings)
+                             if f.name not in (*RETRIEVAL_SETTINGS, "seed", "max_harmful", "conservative_harmful")],
+                       **{**_RETRIEVAL_FLAGS, "retrieval": dict(type=int, default=32, help="k, the neighbours read (default 32)")})
+    add_memory.set_defaults(run=cmd_add_memory)
 
     evaluate = commands.add_parser(
         "evaluate",

@@ -373,9 +373,10 @@ class Pipeline:
                     selected, p_fail = decision.selected, decision.p_fail.tolist()
                     rerank = decision.rank.float().cpu()
                     calibrated = None if decision.calibrated is None else decision.calibrated.float().cpu()
+                    retrieved = None if decision.retrieved is None else decision.retrieved.float().cpu()
                 else:
                     selected, p_fail = candidates.default_index, [None] * count
-                    rerank = calibrated = None
+                    rerank = calibrated = retrieved = None
             with timer("postprocess"):
                 binary = candidates.binary_masks(self.config.mask_threshold).cpu()
                 answers = candidates.answer_mask(self.config.score_threshold).cpu()
@@ -405,6 +406,7 @@ class Pipeline:
                 embedded_default=self.is_embedded_default,
                 rerank_scores=None if rerank is None else rerank[b, order[b]].tolist(),
                 calibrated_scores=None if calibrated is None else calibrated[b, order[b]].tolist(),
+                retrieved_scores=None if retrieved is None else retrieved[b, order[b]].tolist(),
                 image=batch.images[b],
                 _candidate_masks=_LazyMasks(binary[b, order[b]], size),
             )

@@ -28,7 +28,8 @@ class Result:
     model runs) are split evenly. `rerank_scores` (in the order of `scores`) is what the
     re-ranker ranked by: a calibrated re-ranker's fused logits, a Venice-H1 gate's predicted
     gain over Query-0 (None without a gate); `calibrated_scores` the calibrated re-ranker's
-    candidate-text logits alone. `unknown_words` are the expression's words outside the
+    candidate-text logits alone; `retrieved_scores` its retrieved IoU-gain (or IoU) estimates
+    from its retrieval memory (None without one). `unknown_words` are the expression's words outside the
     tokenizer's vocabulary, `truncated_to_tokens` the number of tokens kept when the text was too
     long (else None), `embedded_default` whether the RefShapes-only default model answered;
     `notes` says all of these (and an empty mask) in words.
@@ -50,6 +51,7 @@ class Result:
     embedded_default: bool = False
     rerank_scores: Optional[List[float]] = None
     calibrated_scores: Optional[List[float]] = None
+    retrieved_scores: Optional[List[float]] = None
     image: Optional[np.ndarray] = field(default=None, repr=False)
     _candidate_masks: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
 
@@ -114,6 +116,7 @@ class Result:
             "scores": self.scores,
             "rerank_scores": self.rerank_scores,
             "calibrated_scores": self.calibrated_scores,
+            "retrieved_scores": self.retrieved_scores,
             "slots": self.slots,
             "existence": self.existence,
             "mask_area": int(self.mask.sum()),

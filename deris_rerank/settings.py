@@ -36,7 +36,10 @@ class TrainSettings:
 
 @dataclass
 class CalibratedSettings:
-    """Every knob of the calibrated recipe. The first ten share their flags with the Venice-H1 recipe."""
+    """Every knob of the calibrated recipe. The first ten share their flags with the Venice-H1 recipe.
+
+    retrieval: k of the retrieval memory (0 = no memory, the default); the other retrieval_* and
+    memory_* fields (RETRIEVAL_SETTINGS) say how it is built (see `workflow.retrieval`)."""
 
     lr: float = 5e-4
     weight_decay: float = 1e-4
@@ -57,8 +60,21 @@ class CalibratedSettings:
     geometry: bool = False
     max_harmful: float = 5.0
     conservative_harmful: float = 1.0
+    retrieval: int = 0
+    memory_size: int = 20000
+    memory_source: str = "train"
+    retrieval_keys: str = "cand_text"
+    retrieval_values: str = "gain"
+    retrieval_temperature: float = 0.1
+    memory_dtype: str = "float16"
 
 
+RETRIEVAL_SETTINGS = ("retrieval", "memory_size", "memory_source", "retrieval_keys", "retrieval_values",
+                      "retrieval_temperature", "memory_dtype")
+MEMORY_SOURCES = ("train", "tune")
+RETRIEVAL_KEY_SPACES = ("cand", "cand_text")
+RETRIEVAL_VALUE_KINDS = ("gain", "iou")
+MEMORY_DTYPES = ("float16", "float32")
 SHARED_SETTINGS = ("lr", "weight_decay", "batch_size", "epochs", "warmup_epochs", "seed", "hidden_dim", "n_layers", "n_heads", "dropout")
 
 

@@ -23,6 +23,12 @@ so permuting the candidates permutes the fused logits and leaves p_fail unchange
 text attention and zeroes the pooled text (an ablation: the same network without the expression;
 the candidates' cognition embeddings, which DeRIS's aligner made from the text, stay).
 
+Retrieval (optional, `memory`, see `venice.retrieval`): a memory of training candidates keyed in
+this network's own space (c, optionally joined with mean(t)) gives each candidate a retrieved
+IoU-gain estimate r_i [B, N]; the ranking value becomes f_i + w_ret * r_i (w_ret >= 0, in the
+memory's config). The failure head still reads f (what it was trained on). Without a memory, or
+with w_ret = 0, the decisions are exactly those of the network alone.
+
 Decision rule: Venice-H1's (`venice.decision.apply_rule`) on the fused logits: the default is
 argmax(score) (Query-0); switch to argmax(fused) only if p_fail > tau and the best
 alternative's fused logit exceeds Query-0's by more than margin_pred (logit units). Because
@@ -46,6 +52,7 @@ from ..errors import InputError
 from ..settings import FUSIONS
 from .decision import DecisionRule, GateDecision, apply_rule
 from .gate import N_MASK_STATS, check_input_shapes
+from .retrieval import RetrievalMemory, retrieval_keys
 from .signatures import GRID_FIELDS, GRID_SIGNATURE_DIM, GRID_SIZES
 from .text_context import TextContext, pooled_text
 
@@ -166,6 +173,7 @@ class CalibratedReranker(nn.Module):
         self.failure_head = nn.Sequential(
             nn.Linear(4 * h + 2 * n + 1, h), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(h, h // 2), nn.GELU(), nn.Linear(h // 2, 1)
         )
+        self.register_module("memory", None)  # a RetrievalMemory, when one is attached (`attach_memory`)
 
     # --- network ----------------------------------------------------------------------
     def candidate_features(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext) -> Tensor:
@@ -178,8 +186,28 @@ class CalibratedReranker(nn.Module):
 
         query_embed [B, N, D], scores [B, N] referring probabilities, mask_stats [B, N, 4],
         grid_sigs [B, N, 675], text: `TextContext` (refer_logits [B, N, K], cognition_embed
-        [B, N, D], text_feat [B, T, D], text_padding bool [B, T]).
+        [B, N, D], text_feat [B, T, D], text_padding bool [B, T]). With a memory, `fused` is the
+        ensemble fused + w_ret * retrieved (see `outputs`).
         """
+        return self.outputs(query_embed, scores, mask_stats, grid_sigs, text)[:4]
+
+    def outputs(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext):
+        """`forward`'s four outputs and the retrieved estimates [B, N] (None without a memory)."""
+        cand, pooled = self.encode(query_embed, scores, mask_stats, grid_sigs, text)
+        calibrated = self.calibration_head(torch.cat([cand, cand * pooled[:, None]], dim=-1)).squeeze(-1)
+        fused = self.fuse(scores, calibrated)
+        default_index = scores.argmax(dim=1)
+        p_fail_logit = self.failure_head(self._summary(cand, pooled, scores, fused, default_index)).squeeze(-1)
+        retrieved = None
+        if self.memory is not None:
+            retrieved = self.memory.lookup(retrieval_keys(cand, pooled, self.memory.config.keys))
+            if self.memory.config.weight != 0:
+                fused = fused + self.memory.config.weight * retrieved
+        return default_index, p_fail_logit, fused, calibrated, retrieved
+
+    def encode(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext) -> Tuple[Tensor, Tensor]:
+        """The learned representations: candidates after calibration and norm [B, N, H], and the
+        pooled text [B, H] (zeros when the re-ranker reads no text). Inputs as in `forward`."""
         padding = _never_all_padding(text.text_padding)
         cand = self.candidate_encoder(self.candidate_features(query_embed, scores, mask_stats, grid_sigs, text))
         tokens = self.text_encoder(text.text_feat)
@@ -189,11 +217,15 @@ class CalibratedReranker(nn.Module):
         pooled = pooled_text(tokens, padding)  # [B, H]
         if not self.config.use_text:
             pooled = torch.zeros_like(pooled)  # the ablation reads no text at all
-        calibrated = self.calibration_head(torch.cat([cand, cand * pooled[:, None]], dim=-1)).squeeze(-1)
-        fused = self.fuse(scores, calibrated)
-        default_index = scores.argmax(dim=1)
-        p_fail_logit = self.failure_head(self._summary(cand, pooled, scores, fused, default_index)).squeeze(-1)
-        return default_index, p_fail_logit, fused, calibrated
+        return cand, pooled
+
+    def attach_memory(self, memory: Optional[RetrievalMemory]) -> "CalibratedReranker":
+        """Use `memory` (None: none) from now on; its keys move to this re-ranker's device and dtype."""
+        if memory is not None:
+            param = next(self.parameters())
+            memory = memory.to(device=param.device, dtype=param.dtype)
+        self.memory = memory
+        return self
 
     def fuse(self, scores: Tensor, calibrated: Tensor) -> Tensor:
         """[B, N] fused logits: w_deris * log(score) + w_cal * calibrated (calibrated alone when fusion="none")."""
@@ -216,11 +248,13 @@ class CalibratedReranker(nn.Module):
     # --- decisions ----------------------------------------------------------------------
     @torch.no_grad()
     def decide(self, query_embed, scores, mask_stats, grid_sigs, text: Optional[TextContext] = None) -> GateDecision:
-        """Run the re-ranker and apply its rule. Shapes as in `forward`; `rank` = fused logit minus
-        Query-0's; `calibrated` = the calibrated logits [B, N]."""
+        """Run the re-ranker and apply its rule. Shapes as in `forward`; `rank` = fused logit (with
+        retrieval: the ensemble) minus Query-0's; `calibrated` = the calibrated logits [B, N];
+        `retrieved` = the retrieved estimates [B, N] (None without a memory)."""
         inputs = self._checked_inputs(query_embed, scores, mask_stats, grid_sigs, text)
-        default_index, p_fail_logit, fused, calibrated = self(*inputs)
-        return dataclasses.replace(apply_rule(self.rule, default_index, p_fail_logit, fused), calibrated=calibrated)
+        default_index, p_fail_logit, fused, calibrated, retrieved = self.outputs(*inputs)
+        decision = apply_rule(self.rule, default_index, p_fail_logit, fused)
+        return dataclasses.replace(decision, calibrated=calibrated, retrieved=retrieved)
 
     def _checked_inputs(self, query_embed, scores, mask_stats, grid_sigs, text):
         cfg = self.config
@@ -243,12 +277,16 @@ class CalibratedReranker(nn.Module):
         return (*cast, text.to(device=param.device, dtype=param.dtype))
 
     def settings(self) -> Dict[str, Any]:
-        """Config, decision rule and named operating points as plain JSON-able values."""
-        return {
+        """Config, decision rule and named operating points (and the memory's settings, when there
+        is one) as plain JSON-able values."""
+        settings = {
             "config": dataclasses.asdict(self.config),
             "rule": dataclasses.asdict(self.rule),
             "operating_points": {name: dataclasses.asdict(rule) for name, rule in self.operating_points.items()},
         }
+        if self.memory is not None:
+            settings["retrieval"] = self.memory.settings()
+        return settings
 
 
 def _never_all_padding(padding: Tensor) -> Tensor:

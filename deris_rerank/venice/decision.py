@@ -40,7 +40,8 @@ class GateDecision:
     default candidate (0 at the default); default_index [B] and selected [B] int64 slot
     indices (slots, not ranks: `Result.selected_rank` is a rank by score); switched [B] bool
     (selected != default); calibrated [B, N]: a text-aware
-    re-ranker's calibrated candidate-text logits (None for a Venice-H1 gate).
+    re-ranker's calibrated candidate-text logits (None for a Venice-H1 gate); retrieved [B, N]:
+    a calibrated re-ranker's retrieved IoU estimates (None without a retrieval memory).
     """
 
     p_fail_logit: torch.Tensor
@@ -50,6 +51,7 @@ class GateDecision:
     selected: torch.Tensor
     switched: torch.Tensor
     calibrated: Optional[torch.Tensor] = None
+    retrieved: Optional[torch.Tensor] = None
 
 
 def apply_rule(rule: DecisionRule, default_index: Tensor, p_fail_logit: Tensor, gain: Tensor) -> GateDecision:

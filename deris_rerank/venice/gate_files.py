@@ -4,7 +4,8 @@
 - a Venice-H1 `.pt`/`.pth` checkpoint (released or packaged layout, `weights_only=True`);
 - our `.safetensors` + `.json` pair of a Venice-H1 gate (format `deris-rerank-gate`, `save_gate`);
 - our `.safetensors` + `.json` pair of a calibrated re-ranker (format `deris-rerank-calibrated`,
-  `save_calibrated`).
+  `save_calibrated`), with its retrieval memory when the JSON has a `retrieval` entry (buffers
+  `memory.keys` / `memory.values`; files without the entry have no memory and load as before).
 Pairs are written atomically (temporary name, then rename), so an existing pair is never left
 half-written.
 """
@@ -23,6 +24,7 @@ from ..errors import CheckpointError, InputError, OutputError
 from ..fileio import atomic_write, check_format, read_json, read_safetensors, read_torch_file, state_dict_mismatch
 from .calibrated import CalibratedConfig, CalibratedReranker
 from .decision import DecisionRule, check_tau, named_rule
+from .retrieval import RetrievalConfig, RetrievalMemory, storage_state
 from .gate import GATE_CLASSES, N_MASK_STATS, PACKAGED, RELEASED, GateConfig, VeniceGate
 from .signatures import GRID_SIGNATURE_DIM, GRID_SIZES
 
@@ -223,11 +225,26 @@ def calibrated_from_files(
     base = named_rule(points, operating_point, path) if operating_point is not None else _rule(sidecar["rule"])
     rule = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     reranker = CalibratedReranker(config, rule, points)
+    state, memory = _memory_from_files(state, sidecar, path)
     mismatch = state_dict_mismatch(reranker.state_dict(), state)
     if mismatch:
         raise CheckpointError(f"{path} does not fit a calibrated re-ranker with the settings of its .json: {mismatch}")
     reranker.load_state_dict(state, strict=True)
-    return reranker.eval()
+    return reranker.attach_memory(memory).eval()
+
+
+def _memory_from_files(state: Mapping[str, torch.Tensor], sidecar: Mapping[str, Any], path: Path):
+    """(the state without the memory's buffers, the RetrievalMemory or None): a memory exactly when
+    the sidecar has a `retrieval` entry; its keys are computed in float32 whatever their stored dtype."""
+    settings = sidecar.get("retrieval")
+    if settings is None:
+        return state, None
+    if not all(name in state for name in ("memory.keys", "memory.values")):
+        raise CheckpointError(f"{path}: its .json describes a retrieval memory but the weights hold no memory.keys / memory.values")
+    fields = {f.name for f in dataclasses.fields(RetrievalConfig)}
+    config = RetrievalConfig(**{k: v for k, v in settings.items() if k in fields})
+    rest = {k: v for k, v in state.items() if not k.startswith("memory.")}
+    return rest, RetrievalMemory(state["memory.keys"].float(), state["memory.values"].float(), config)
 
 
 def _write_pair(state: Mapping[str, torch.Tensor], sidecar: Mapping[str, Any], path: str | os.PathLike, what: str) -> Path:
@@ -254,4 +271,5 @@ def save_calibrated(reranker: CalibratedReranker, path: str | os.PathLike, extra
     """Write a calibrated re-ranker as `<path>.safetensors` + `<path>.json` (format, config, rule,
     operating points, `extra` such as the training settings); returns the weights path."""
     sidecar = {"format": CALIBRATED_FORMAT_NAME, "format_version": CALIBRATED_FORMAT_VERSION, **reranker.settings(), **dict(extra or {})}
-    return _write_pair(reranker.state_dict(), sidecar, path, "re-ranker")
+    state = {**reranker.state_dict(), **storage_state(reranker.memory)}  # memory keys in their storage dtype
+    return _write_pair(state, sidecar, path, "re-ranker")

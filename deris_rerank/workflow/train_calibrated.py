@@ -147,7 +147,14 @@ def choose_operating_points(
     reranker: CalibratedReranker, tune: GateData, settings: CalibratedSettings
 ) -> Tuple[DecisionRule, Dict[str, DecisionRule], Dict[str, float]]:
     """(tuned rule, {"tuned", "conservative"} rules, their tuning-split figures), picked on `tune` only."""
-    outputs = gate_outputs(reranker, tune)
+    return choose_points_from_outputs(gate_outputs(reranker, tune), tune, settings)
+
+
+def choose_points_from_outputs(
+    outputs: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], tune: GateData, settings: CalibratedSettings
+) -> Tuple[DecisionRule, Dict[str, DecisionRule], Dict[str, float]]:
+    """`choose_operating_points` on given re-ranker outputs over `tune`: (default_index [P],
+    p_fail_logit [P], ranking values [P, N]), as `gate_outputs` gives them."""
     budgets = {"tuned": settings.max_harmful, "conservative": settings.conservative_harmful}
     best: Dict[str, Tuple[float, DecisionRule, Tuple[float, float, float]]] = {}
     for margin in MARGIN_GRID:
