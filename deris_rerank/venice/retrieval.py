@@ -23,8 +23,8 @@ of 0 gives exactly the decisions without memory.
 """
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..settings import RETRIEVAL_KEY_SPACES as KEY_SPACES
 from ..settings import RETRIEVAL_VALUE_KINDS as VALUE_KINDS
+
 SIMILARITY_BUDGET = 1 << 25  # similarities held at once by a lookup (128 MiB in float32)
 KEY_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
