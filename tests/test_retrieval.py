@@ -1,13 +1,12 @@
 """Retrieval augmentation of the calibrated re-ranker on hand-made inputs: lookup, permutation,
 zero weight, files (new and old), and the CLI on the workflow's tiny caches."""
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from test_calibrated import CONFIG, N, inputs, reranker
+from test_calibrated import N, inputs, reranker
 from test_workflow import SMALL, caches  # noqa: F401  (the workflow's tiny caches, a module fixture)
 
 from deris_rerank import Pipeline, cli
