@@ -20,6 +20,7 @@ from .settings import (
     FUSIONS,
     MEMORY_DTYPES,
     MEMORY_SOURCES,
+    POINT_SETTINGS,
     RETRIEVAL_KEY_SPACES,
     RETRIEVAL_SETTINGS,
     RETRIEVAL_VALUE_KINDS,
@@ -124,6 +125,12 @@ def _summary(result, written) -> str:
     )
 
 
+_POINT_FLAGS = dict(
+    max_harmful=dict(type=float, help="harmful-switch budget (%%) of the 'tuned' operating point (default 5)"),
+    conservative_harmful=dict(type=float, help="harmful-switch budget (%%) of the 'conservative' point (default 1)"),
+    harm_confidence=dict(type=float, help="a point's harmful rate on --tune must stay within its budget at this one-sided "
+                         "confidence (Wilson bound; default 0.95; 0 = the measured rate itself)"),
+)
 _RETRIEVAL_FLAGS = dict(
     retrieval=dict(type=int, help="k: give the re-ranker a retrieval memory read by its k nearest entries (default 0: none)"),
     memory_size=dict(type=int, help="entries (candidates) kept in the memory, a seeded draw; 0 = all (default 20000)"),
@@ -311,8 +318,7 @@ def cmd_add_memory(args: argparse.Namespace) -> int:
     from .workflow.gate_data import load_gate_data
     from .workflow.retrieval import choose_retrieval
 
-    settings = CalibratedSettings(**{name: getattr(args, name) for name in (*RETRIEVAL_SETTINGS, "seed", "max_harmful",
-                                                                            "conservative_harmful")})
+    settings = CalibratedSettings(**{name: getattr(args, name) for name in (*RETRIEVAL_SETTINGS, *POINT_SETTINGS)})
     if settings.retrieval < 1:
         raise InputError(f"--retrieval (k, the neighbours read) must be at least 1, got {settings.retrieval}")
     reranker = load_gate(args.gate)
@@ -325,7 +331,7 @@ def cmd_add_memory(args: argparse.Namespace) -> int:
     reranker.attach_memory(memory)
     sidecar = read_json(Path(args.gate).with_suffix(".json"), "gate settings")
     kept = {k: v for k, v in sidecar.items() if k not in ("format", "format_version", "config", "rule", "operating_points", "retrieval")}
-    built = {name: getattr(settings, name) for name in (*RETRIEVAL_SETTINGS, "seed", "max_harmful", "conservative_harmful")}
+    built = {name: getattr(settings, name) for name in (*RETRIEVAL_SETTINGS, *POINT_SETTINGS)}
     written = save_calibrated(reranker, args.out, extra={**kept, "memory_building": built, "tuning": tuned})
     print(json.dumps({"gate": str(written), "rule": reranker.settings()["rule"], "retrieval": reranker.settings()["retrieval"],
                       "operating_points": reranker.settings()["operating_points"], **tuned}))
@@ -507,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "to --dropout)")
     add_settings_flags(calibrated, CalibratedSettings, skip=SHARED_SETTINGS, fusion=dict(
         choices=list(FUSIONS), help="learned: DeRIS's log-score + a learned weight x the calibrated logit (default); "
-        "none: the calibrated logit alone"), **_RETRIEVAL_FLAGS)
+        "none: the calibrated logit alone"), **_POINT_FLAGS, **_RETRIEVAL_FLAGS)
     add_training_run_flags(train)
     train.set_defaults(run=cmd_train_gate)
 
@@ -525,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
     add_settings_flags(add_memory, CalibratedSettings,
                        skip=[f.name for f in dataclasses.fields(CalibratedSettings)
-                             if f.name not in (*RETRIEVAL_SETTINGS, "seed", "max_harmful", "conservative_harmful")],
-                       **{**_RETRIEVAL_FLAGS, "retrieval": dict(type=int, default=32, help="k, the neighbours read (default 32)")})
+                             if f.name not in (*RETRIEVAL_SETTINGS, *POINT_SETTINGS)],
+                       **{**_POINT_FLAGS, **_RETRIEVAL_FLAGS, "retrieval": dict(type=int, default=32, help="k, the neighbours read (default 32)")})
     add_memory.set_defaults(run=cmd_add_memory)
 
     evaluate = commands.add_parser(

@@ -60,6 +60,7 @@ class CalibratedSettings:
     geometry: bool = False
     max_harmful: float = 5.0
     conservative_harmful: float = 1.0
+    harm_confidence: float = 0.95
     retrieval: int = 0
     memory_size: int = 20000
     memory_source: str = "train"
@@ -69,6 +70,8 @@ class CalibratedSettings:
     memory_dtype: str = "float16"
 
 
+# how operating points are picked on the tuning split (also used by add-memory)
+POINT_SETTINGS = ("seed", "max_harmful", "conservative_harmful", "harm_confidence")
 RETRIEVAL_SETTINGS = ("retrieval", "memory_size", "memory_source", "retrieval_keys", "retrieval_values",
                       "retrieval_temperature", "memory_dtype")
 MEMORY_SOURCES = ("train", "tune")

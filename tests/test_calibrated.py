@@ -166,3 +166,13 @@ def test_mask_geometry_finds_centre_and_spread():
     model = reranker(w_cal=1.0, config=dataclasses.replace(CONFIG, geometry=True))
     args, text = inputs(seed=8)
     assert model(*args, text)[2].shape == (B, N)
+
+
+def test_harmful_upper_bound_is_a_wilson_bound():
+    from deris_rerank.workflow.train_calibrated import harmful_upper_bound
+
+    assert harmful_upper_bound(4.0, 3000, 0.0) == 4.0
+    bound = harmful_upper_bound(4.0, 3000, 0.95)  # Wilson: p = 0.04, n = 3000, z = 1.645 -> 4.62 %
+    assert 4.55 < bound < 4.70
+    assert harmful_upper_bound(4.0, 30000, 0.95) < bound < harmful_upper_bound(4.0, 300, 0.95)
+    assert 0 < harmful_upper_bound(0.0, 3000, 0.95) < 0.1  # no harm seen is not proof of none

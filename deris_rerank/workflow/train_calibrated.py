@@ -11,14 +11,16 @@ then cosine decay to 0, seeded and deterministic on CPU. Loss per pair:
   + failure_weight x BCE of p_fail against the failure flag (some candidate beats Query-0).
 
 Operating points are picked on the tuning caches only, over tau in 0.00 ... 0.99 and the
-fused-logit margin in MARGIN_GRID (tau also 0.995, 0.999): "tuned" maximises the mIoU gain (delta_full) with at most
-`max_harmful` % harmful switches, "conservative" the same with at most `conservative_harmful` %;
-ties go to the larger margin, then the larger tau. The tuned point is the saved rule.
+fused-logit margin in MARGIN_GRID (tau also 0.995, 0.999): "tuned" maximises the mIoU gain (delta_full)
+while the upper `harm_confidence` confidence bound of its harmful-switch rate (Wilson, one-sided)
+is at most `max_harmful` %, "conservative" the same within `conservative_harmful` %; ties go to
+the larger margin, then the larger tau. The tuned point is the saved rule.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -143,6 +145,21 @@ def rule_metrics(data: GateData, selected: torch.Tensor) -> Tuple[float, float, 
     return float(100 * (chosen - q0).mean()), float(100 * harmful.float().mean()), float(100 * switched.float().mean())
 
 
+def harmful_upper_bound(harmful_percent: float, pairs: int, confidence: float) -> float:
+    """One-sided upper confidence bound (Wilson score, in %) of a harmful-switch rate measured as
+    `harmful_percent` on `pairs` pairs; `confidence` 0 gives the measured rate itself.
+
+    The operating points keep this bound within their budgets, so a budget of 5 % measured on the
+    ~3,000 tuning pairs holds on new pairs with about that confidence, not half the time."""
+    if confidence <= 0:
+        return harmful_percent
+    z = statistics.NormalDist().inv_cdf(confidence)
+    p, n = harmful_percent / 100, max(pairs, 1)
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return 100 * (centre + spread) / (1 + z * z / n)
+
+
 def choose_operating_points(
     reranker: CalibratedReranker, tune: GateData, settings: CalibratedSettings
 ) -> Tuple[DecisionRule, Dict[str, DecisionRule], Dict[str, float]]:
@@ -161,8 +178,9 @@ def choose_points_from_outputs(
         for tau in CALIBRATED_TAU_GRID:
             rule = DecisionRule(tau=tau, margin_pred=margin)
             figures = rule_metrics(tune, apply_rule(rule, *outputs).selected)
+            harm_bound = harmful_upper_bound(figures[1], len(tune), settings.harm_confidence)
             for name, budget in budgets.items():
-                if figures[1] <= budget and (name not in best or figures[0] >= best[name][0] - 1e-12):
+                if harm_bound <= budget and (name not in best or figures[0] >= best[name][0] - 1e-12):
                     best[name] = (figures[0], rule, figures)
     points = {name: found[1] for name, found in best.items()}
     report = {"tune_pairs": len(tune)}
