@@ -14,7 +14,9 @@ Operating points are picked on the tuning caches only, over tau in 0.00 ... 0.99
 fused-logit margin in MARGIN_GRID (tau also 0.995, 0.999): "tuned" maximises the mIoU gain (delta_full)
 while the upper `harm_confidence` confidence bound of its harmful-switch rate (Wilson, one-sided)
 is at most `max_harmful` %, "conservative" the same within `conservative_harmful` %; ties go to
-the larger margin, then the larger tau. The tuned point is the saved rule.
+the larger margin, then the larger tau (a rule's bound is never above its switch rate: a rule
+that never switches always fits; where nothing fits, a point never switches). The tuned point is
+the saved rule.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from .train_gate import TAU_GRID
 
 MARGIN_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 CALIBRATED_TAU_GRID = TAU_GRID + (0.995, 0.999)  # a conservative point may need p_fail very near 1
+NEVER_SWITCH = DecisionRule(tau=1.0, margin_pred=0.0)  # p_fail > 1 never holds
 
 
 
@@ -178,15 +181,17 @@ def choose_points_from_outputs(
         for tau in CALIBRATED_TAU_GRID:
             rule = DecisionRule(tau=tau, margin_pred=margin)
             figures = rule_metrics(tune, apply_rule(rule, *outputs).selected)
-            harm_bound = harmful_upper_bound(figures[1], len(tune), settings.harm_confidence)
+            harm_bound = min(harmful_upper_bound(figures[1], len(tune), settings.harm_confidence), figures[2])  # <= switches
             for name, budget in budgets.items():
                 if harm_bound <= budget and (name not in best or figures[0] >= best[name][0] - 1e-12):
                     best[name] = (figures[0], rule, figures)
+    for name in budgets:  # nothing fits (a small tuning split): keep DeRIS's choice everywhere
+        best.setdefault(name, (0.0, NEVER_SWITCH, (0.0, 0.0, 0.0)))
     points = {name: found[1] for name, found in best.items()}
     report = {"tune_pairs": len(tune)}
     for name, (_, _, (delta, harm, switch)) in best.items():
         report.update({f"{name}_tune_delta_full": delta, f"{name}_tune_harmful": harm, f"{name}_tune_switch": switch})
-    return points.get("tuned", DecisionRule(tau=1.0, margin_pred=0.0)), points, report
+    return points["tuned"], points, report
 
 
 def settings_record(settings: CalibratedSettings) -> Dict[str, object]:
