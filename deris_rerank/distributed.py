@@ -105,6 +105,7 @@ def connect(address: Optional[str] = None):
     ray = require_ray()
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        _check_reachable(address)
         try:
             ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -117,6 +118,23 @@ def connect(address: Optional[str] = None):
 
     log_once("ray_data_progress_manager_disabled")
     return ray
+
+
+def _check_reachable(address: Optional[str], timeout_s: float = 10.0) -> None:
+    """DerisRerankError when a "host:port" or "ray://host:port" address takes no TCP connection
+    (Ray itself would retry for minutes); other forms ("auto", None) are left to Ray."""
+    import socket
+
+    if not address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.split("://")[-1].rpartition(":")
+    if not port.isdigit():
+        raise InputError(f"--address must look like HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise DerisRerankError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start one with "
+                               f"`ray start --head` or check --address / $RAY_ADDRESS") from None
 
 
 def placement(ray, resources: Resources) -> Tuple[int, float, float]:

@@ -228,3 +228,18 @@ def test_only_the_ray_engine_imports_ray():
             "assert 'ray' not in sys.modules, 'ray imported'; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_an_unreachable_address_is_one_line_not_minutes_of_retries():
+    import socket
+
+    pytest.importorskip("ray")
+    from deris_rerank.distributed import _check_reachable
+    from deris_rerank.errors import DerisRerankError
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DerisRerankError, match="cannot reach a Ray cluster at 127.0.0.1"):
+        _check_reachable(f"127.0.0.1:{port}")
+    _check_reachable("auto")  # left to Ray
