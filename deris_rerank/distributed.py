@@ -13,7 +13,8 @@ Shape of a job:
 
 Because every chunk is one model run of the same pairs as in the local engine, results are
 byte-identical to `--engine local` (float32 sums depend on the batch's composition, so the
-batches must be the same; the torch thread count must be too, see RAY_NOTES / README).
+batches must be the same; and on the torch thread count: a replica runs with as many threads
+as its whole CPUs, at least 1, so compare with a local run at that many threads).
 A resumed batch run plans its chunks over the whole list, skips chunks already finished and runs
 a partly finished chunk whole (writing only its missing pairs), so a killed and resumed run
 forms the same batches as an uninterrupted one.
@@ -266,10 +267,11 @@ def _reemit(caught: Sequence[Tuple[type, str]]) -> None:
 
 
 def _stream(spec: PipelineSpec, resources: Resources, mode: str, batch_size: int, protocol: Optional[str],
-            source: Optional[dict], plan) -> Iterator[dict]:
+            source: Optional[dict], plan, ordered: bool = False) -> Iterator[dict]:
     """Connect and probe; `plan(report, replicas)` checks the outputs against the probe's report
     before any work and returns the chunks to run; run them on the cluster and yield each chunk's
-    outcomes as it arrives."""
+    outcomes as it arrives (ordered: in the chunks' order, a late chunk held back until the ones
+    before it are done)."""
     ray = connect(resources.address)
     replicas, gpus_each, cpus_each = placement(ray, resources)
     spec = spec.resolved()
@@ -293,10 +295,15 @@ def _stream(spec: PipelineSpec, resources: Resources, mode: str, batch_size: int
         compute=ray.data.ActorPoolStrategy(size=replicas),
         fn_constructor_args=(spec, mode, batch_size, protocol, max(1, int(cpus_each))),
     )
-    for row in dataset.iter_rows():
-        done = pickle.loads(row["payload"])
-        _reemit(done["warnings"])
-        yield done
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, ordered
+    try:
+        for row in dataset.iter_rows():
+            done = pickle.loads(row["payload"])
+            _reemit(done["warnings"])
+            yield done
+    finally:
+        options.preserve_order = before
 
 
 def _groups(pairs: Sequence[tuple], chunk: List[List[int]], member) -> List[dict]:
@@ -356,9 +363,9 @@ def run_extract(
     progress: bool = True, source: Optional[dict] = None, overwrite: bool = False,
 ) -> Dict[str, int]:
     """`workflow.extract.extract_split` on Ray: the same shards (tensors equal) and errors, the same
-    provenance check and resume rule (complete shards are skipped; `worker` as there). The driver
-    writes each shard as soon as all its pairs are back. Returns counts of pairs written, skipped
-    and failed."""
+    provenance check and resume rule (complete shards are skipped; `worker` as there). Chunks come
+    back in order, so the driver writes the shards (and their errors) in order, each as soon as all
+    its pairs are back. Returns counts of pairs written, skipped and failed."""
     from .pipeline import plan_chunks
     from .workflow.extract import check_extract_inputs, plan_extract, save_shard
 
@@ -380,7 +387,7 @@ def run_extract(
     failed: Dict[int, Dict[int, str]] = {}
     bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True)
     try:
-        for done in _stream(spec, resources, "extract", batch_size, protocol, source, plan):
+        for done in _stream(spec, resources, "extract", batch_size, protocol, source, plan, ordered=True):
             jobs, counts = state["jobs"], state["counts"]
             bar.total = sum(len(job.samples) for job in jobs)
             for (j, i), kind, value in done["outcomes"]:

@@ -193,7 +193,7 @@ def batch_fields(batch: CandidateBatch, targets: List[np.ndarray], config, proto
 
 def save_shard(job: ShardJob, collected: Dict[int, Dict[str, torch.Tensor]], failed: Dict[int, str]) -> Tuple[int, int]:
     """Write a shard from its pairs' fields (`collected`: position in `job.samples` -> fields) in
-    split order, and add the failed pairs (position -> reason) to the split's errors.jsonl.
+    split order, and add the failed pairs (position -> reason) to the split's errors.jsonl, in split order.
     Returns (pairs written, pairs failed)."""
     part = job.samples
     order = sorted(collected)
@@ -203,7 +203,7 @@ def save_shard(job: ShardJob, collected: Dict[int, Dict[str, torch.Tensor]], fai
     if failed:
         errors = job.path.parent / "errors.jsonl"
         known = {json.loads(line)["id"] for line in _error_lines(job.path.parent)}
-        records = [{"id": part[i].id, "error": reason} for i, reason in failed.items()]
+        records = [{"id": part[i].id, "error": failed[i]} for i in sorted(failed)]  # split order, whatever the engine
         with open(errors, "a", encoding="utf-8") as handle:
             handle.writelines(json.dumps(e) + "\n" for e in records if e["id"] not in known)
     return len(order), len(failed)
