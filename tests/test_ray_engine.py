@@ -244,3 +244,31 @@ def test_an_unreachable_address_is_one_line_not_minutes_of_retries():
     with pytest.raises(DerisRerankError, match="cannot reach a Ray cluster at 127.0.0.1"):
         _check_reachable(f"127.0.0.1:{port}")
     _check_reachable("auto")  # left to Ray
+
+
+@NEEDS_DEFAULT
+def test_extract_command_with_engine_ray(ray_address, tmp_path, capsys):
+    """The command line's path: `extract --engine ray` writes the shards the local command writes."""
+    from safetensors import safe_open
+
+    from deris_rerank.cli import main
+
+    common = ["extract", "--data", "refshapes", "--split", "val", "--refshapes-images", "3", "--refshapes-size", "128",
+              "--shard-size", "5", "--batch-size", str(BATCH_SIZE), "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(common + ["--out", str(tmp_path / "local")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main(common + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--address", ray_address,
+                          "--replicas", "2", "--cpus-per-replica", "0.5"]) == 0
+    local_line, ray_line = capsys.readouterr().out.strip().splitlines()
+    assert local_line == ray_line
+    shards = sorted(p.name for p in (tmp_path / "local" / "val").glob("shard_*"))
+    assert shards == sorted(p.name for p in (tmp_path / "ray" / "val").glob("shard_*"))
+    for name in shards:
+        with safe_open(str(tmp_path / "local" / "val" / name), "pt") as a, \
+                safe_open(str(tmp_path / "ray" / "val" / name), "pt") as b:
+            assert a.metadata() == b.metadata()
+            assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
