@@ -138,12 +138,14 @@ def _check_reachable(address: Optional[str], timeout_s: float = 10.0) -> None:
                                f"`ray start --head` or check --address / $RAY_ADDRESS") from None
 
 
-def placement(ray, resources: Resources) -> Tuple[int, float, float]:
-    """(replicas, GPUs per replica, CPUs per replica), defaults filled from the cluster; InputError
-    when they do not fit in it (Ray would otherwise wait for ever for the missing resources)."""
+def placement(ray, resources: Resources, device: str = "auto") -> Tuple[int, float, float]:
+    """(replicas, GPUs per replica, CPUs per replica), defaults filled from the cluster (no GPU by
+    default when `device` is the CPU); InputError when they do not fit in it (Ray would otherwise
+    wait for ever for the missing resources)."""
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0)), float(total.get("GPU", 0))
-    gpus_each = resources.gpus_per_replica if resources.gpus_per_replica is not None else (1.0 if gpus > 0 else 0.0)
+    default_gpus = 1.0 if gpus > 0 and not str(device).startswith("cpu") else 0.0
+    gpus_each = resources.gpus_per_replica if resources.gpus_per_replica is not None else default_gpus
     cpus_each = resources.cpus_per_replica if resources.cpus_per_replica is not None else 1.0
     replicas = resources.replicas or (max(1, int(gpus // gpus_each)) if gpus_each > 0 else 1)
     if replicas < 1 or gpus_each < 0 or cpus_each <= 0:
@@ -273,7 +275,7 @@ def _stream(spec: PipelineSpec, resources: Resources, mode: str, batch_size: int
     outcomes as it arrives (ordered: in the chunks' order, a late chunk held back until the ones
     before it are done)."""
     ray = connect(resources.address)
-    replicas, gpus_each, cpus_each = placement(ray, resources)
+    replicas, gpus_each, cpus_each = placement(ray, resources, spec.device)
     spec = spec.resolved()
     probe = ray.remote(num_cpus=cpus_each, num_gpus=gpus_each, max_retries=0)(_probe)
     try:

@@ -272,3 +272,26 @@ def test_extract_command_with_engine_ray(ray_address, tmp_path, capsys):
                 safe_open(str(tmp_path / "ray" / "val" / name), "pt") as b:
             assert a.metadata() == b.metadata()
             assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
+
+
+class _FakeCluster:
+    """Stands in for the `ray` module where only cluster_resources() is read."""
+
+    def __init__(self, **resources):
+        self.resources = resources
+
+    def cluster_resources(self):
+        return self.resources
+
+
+def test_placement_defaults_one_replica_per_gpu():
+    from deris_rerank.distributed import Resources, placement
+    from deris_rerank.errors import InputError
+
+    gpus = _FakeCluster(CPU=16.0, GPU=8.0)
+    assert placement(gpus, Resources()) == (8, 1.0, 1.0)
+    assert placement(gpus, Resources(gpus_per_replica=2)) == (4, 2.0, 1.0)
+    assert placement(gpus, Resources(), device="cpu") == (1, 0.0, 1.0)  # --device cpu takes no GPU
+    assert placement(_FakeCluster(CPU=4.0), Resources()) == (1, 0.0, 1.0)
+    with pytest.raises(InputError, match="9 replica"):
+        placement(gpus, Resources(replicas=9))
