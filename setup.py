@@ -1,4 +1,4 @@
-"""Install deris-rerank: `pip install -e .` (add `[test]` for the test suite)."""
+"""Install deris-rerank: `pip install -e .` (add `[test]` for the test suite, `[ray]` for `--engine ray`)."""
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -31,7 +31,8 @@ setup(
     extras_require={
         "data": ["pycocotools>=2.0.6"],
         "plots": ["matplotlib>=3.6"],
-        "test": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.6"],
+        "ray": ["ray[data]>=2.60"],  # --engine ray (deris_rerank/distributed.py); tested with 2.60.0, the lowest tried
+        "test": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.6", "ray[data]>=2.60"],
     },
     entry_points={"console_scripts": ["deris-rerank=deris_rerank.cli:main"]},
 )

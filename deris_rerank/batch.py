@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 from tqdm import tqdm
 
@@ -163,68 +163,102 @@ def run_batch(
     Raises OutputMismatchError, before any work, when `out_dir` holds results of another run
     identity or for other inputs under the same ids (unless overwrite=True).
     """
-    masks_dir = out_dir / "masks"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}; choose a writable folder") from None
-    results_path, errors_path = out_dir / "results.jsonl", out_dir / "errors.jsonl"
-    identity = pipeline_identity(pipe)
-    if overwrite:
-        _clear_outputs(out_dir)
-    earlier = _read_jsonl(results_path)
-    _check_identity(out_dir, identity, bool(earlier) or (masks_dir.is_dir() and any(masks_dir.iterdir())))
-    _check_inputs(out_dir, earlier, items)
-    _write_json(out_dir / IDENTITY_FILE, identity)
-    masks_dir.mkdir(exist_ok=True)
-    order = {item.id: n for n, item in enumerate(items)}
-    done = {r["id"]: r for r in earlier if r.get("id") in order}
-    kept = [r for r in earlier if r.get("id") not in order]  # finished by an earlier run of another list: kept
-    _rewrite_jsonl(results_path, sorted(done.values(), key=lambda r: order[r["id"]]) + kept)  # drops a torn line
-    _rewrite_jsonl(errors_path, [])
-    todo = [item for item in items if item.id not in done]
-    errors: Dict[str, dict] = {}
+    output = BatchOutput(out_dir, items, pipeline_identity(pipe), overwrite=overwrite)
+    todo = output.todo
     start = time.perf_counter()
     with tqdm(total=len(todo), unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for index, outcome in pipe.iter_batch([(item.image, item.text) for item in todo], batch_size=batch_size):
             item = todo[index]
             if isinstance(outcome, DerisRerankError):
-                errors[item.id] = {"id": item.id, "image": str(item.image), "text": item.text, "error": str(outcome)}
-                _append_line(errors_path, errors[item.id])
+                output.fail(item, str(outcome))
             else:
-                mask_path = masks_dir / f"{item.id}.png"
-                if masks_dir.resolve() not in mask_path.resolve().parents:
-                    raise OutputError(f"id {item.id!r} would write outside {masks_dir}")
-                save_png(mask_path, outcome.mask)
-                done[item.id] = _record(item, outcome)
-                _append_line(results_path, done[item.id])
+                output.write(item, result_record(item, outcome), outcome.mask)
             bar.update(1)
-    elapsed = time.perf_counter() - start
-    _rewrite_jsonl(results_path, sorted(done.values(), key=lambda r: order[r["id"]]) + kept)
-    _rewrite_jsonl(errors_path, sorted(errors.values(), key=lambda r: order[r["id"]]))
-    processed = len(todo) - len(errors)
-    summary = {
-        "total": len(items),
-        "succeeded": len(done),
-        "failed": len(errors),
-        "skipped_already_done": len(items) - len(todo),
-        "kept_from_other_lists": len(kept),
-        "switched": sum(1 for r in done.values() if r["switched"]),
-        "empty_masks": sum(1 for r in done.values() if r.get("mask_empty")),
-        "with_unknown_words": sum(1 for r in done.values() if r.get("unknown_words")),
-        "processed_this_run": processed,
-        "seconds_this_run": round(elapsed, 3),
-        "pairs_per_second": round(processed / elapsed, 3) if elapsed > 0 and processed else None,
-        "gate": pipe.gate is not None,
-        "model": pipe.config.name,
-        "run": identity,
-    }
-    _write_json(out_dir / "summary.json", summary)
-    return summary
+    return output.finish(time.perf_counter() - start)
 
 
-def _record(item: BatchItem, result) -> dict:
-    """The results.jsonl line of one finished pair."""
+class BatchOutput:
+    """One batch run's output folder, shared by every engine: checked and prepared when made,
+    written one pair at a time, and finished with the files in manifest order and the summary.
+
+    Making it checks `identity` (a `pipeline_identity` dict) against `run.json` and the finished
+    ids' image and text against `items` (OutputMismatchError, before anything is touched, unless
+    overwrite=True, which first removes the old outputs), records the identity, drops a torn
+    results line and clears errors.jsonl (failed pairs are tried again). Then `todo` lists the
+    items without a result, in order, and `done` maps finished ids to their results lines.
+    """
+
+    def __init__(self, out_dir: Path, items: List[BatchItem], identity: dict, overwrite: bool = False):
+        out_dir = Path(out_dir)
+        self.out_dir, self.items, self.identity = out_dir, items, identity
+        self.masks_dir = out_dir / "masks"
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}; choose a writable folder") from None
+        self.results_path, self.errors_path = out_dir / "results.jsonl", out_dir / "errors.jsonl"
+        if overwrite:
+            _clear_outputs(out_dir)
+        earlier = _read_jsonl(self.results_path)
+        _check_identity(out_dir, identity, bool(earlier) or (self.masks_dir.is_dir() and any(self.masks_dir.iterdir())))
+        _check_inputs(out_dir, earlier, items)
+        _write_json(out_dir / IDENTITY_FILE, identity)
+        self.masks_dir.mkdir(exist_ok=True)
+        self.order = {item.id: n for n, item in enumerate(items)}
+        self.done: Dict[str, dict] = {r["id"]: r for r in earlier if r.get("id") in self.order}
+        self.kept = [r for r in earlier if r.get("id") not in self.order]  # finished by an earlier run of another list: kept
+        _rewrite_jsonl(self.results_path, self._in_order(self.done.values()) + self.kept)  # drops a torn line
+        _rewrite_jsonl(self.errors_path, [])
+        self.todo = [item for item in items if item.id not in self.done]
+        self.errors: Dict[str, dict] = {}
+
+    def _in_order(self, records: Iterable[dict]) -> List[dict]:
+        return sorted(records, key=lambda r: self.order[r["id"]])
+
+    def write(self, item: BatchItem, record: dict, mask) -> None:
+        """Write one finished pair: its mask (bool [H, W]) as masks/<id>.png, then its results line."""
+        mask_path = self.masks_dir / f"{item.id}.png"
+        if self.masks_dir.resolve() not in mask_path.resolve().parents:
+            raise OutputError(f"id {item.id!r} would write outside {self.masks_dir}")
+        save_png(mask_path, mask)
+        self.done[item.id] = record
+        _append_line(self.results_path, record)
+
+    def fail(self, item: BatchItem, reason: str) -> None:
+        """Record one failed pair (its one-line reason) in errors.jsonl."""
+        self.errors[item.id] = {"id": item.id, "image": str(item.image), "text": item.text, "error": reason}
+        _append_line(self.errors_path, self.errors[item.id])
+
+    def finish(self, elapsed: float, extra: Optional[dict] = None) -> dict:
+        """Rewrite results.jsonl and errors.jsonl in manifest order and write summary.json (this run
+        took `elapsed` seconds; `extra` adds engine-specific keys). Returns the summary."""
+        done, errors = self.done, self.errors
+        _rewrite_jsonl(self.results_path, self._in_order(done.values()) + self.kept)
+        _rewrite_jsonl(self.errors_path, self._in_order(errors.values()))
+        processed = len(self.todo) - len(errors)
+        summary = {
+            "total": len(self.items),
+            "succeeded": len(done),
+            "failed": len(errors),
+            "skipped_already_done": len(self.items) - len(self.todo),
+            "kept_from_other_lists": len(self.kept),
+            "switched": sum(1 for r in done.values() if r["switched"]),
+            "empty_masks": sum(1 for r in done.values() if r.get("mask_empty")),
+            "with_unknown_words": sum(1 for r in done.values() if r.get("unknown_words")),
+            "processed_this_run": processed,
+            "seconds_this_run": round(elapsed, 3),
+            "pairs_per_second": round(processed / elapsed, 3) if elapsed > 0 and processed else None,
+            "gate": self.identity["gate"] is not None,
+            "model": self.identity["model"]["name"],
+            "run": self.identity,
+            **(extra or {}),
+        }
+        _write_json(self.out_dir / "summary.json", summary)
+        return summary
+
+
+def result_record(item: BatchItem, result) -> dict:
+    """The results.jsonl line of one finished pair (`result`: its `Result`)."""
     return {
         "id": item.id,
         "image": str(item.image),

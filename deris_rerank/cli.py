@@ -93,6 +93,29 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     _add_operating_point(group)
 
 
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """--engine and the Ray engine's placement flags, shared by batch and extract."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--engine", default="local", choices=["local", "ray"],
+                       help="local: this process (default); ray: Ray Data, model replicas on a cluster's GPUs/CPUs "
+                       "(pip install \"deris-rerank[ray]\"); the same outputs")
+    group.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray for this run)")
+    group.add_argument("--replicas", type=int, help="Ray: model replicas (default: one per GPU, or 1 without GPUs)")
+    group.add_argument("--gpus-per-replica", type=float,
+                       help="Ray: GPUs per replica (default 1 when the cluster has GPUs, else 0)")
+    group.add_argument("--cpus-per-replica", type=float, help="Ray: CPUs per replica (default 1)")
+
+
+def _ray_settings(args: argparse.Namespace, **pipeline):
+    """(PipelineSpec, Resources) of the Ray engine from the shared flags."""
+    from .distributed import PipelineSpec, Resources, require_ray
+
+    require_ray()
+    spec = PipelineSpec(deris=args.deris, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, **pipeline)
+    return spec, Resources(address=args.address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                           cpus_per_replica=args.cpus_per_replica)
+
+
 def _pipeline(args: argparse.Namespace):
     from .pipeline import Pipeline
 
@@ -201,9 +224,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
         if args.texts_file:
             texts += [t for t in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if t.strip()]
         items = read_folder(Path(args.images), texts)
-    pipe = _pipeline(args)
-    summary = run_batch(pipe, items, Path(args.out), batch_size=args.batch_size, progress=not args.quiet,
-                        overwrite=args.overwrite)
+    if args.engine == "ray":
+        from .distributed import run_batch as run_batch_ray
+
+        spec, resources = _ray_settings(args, gate=False if args.no_gate else args.gate, tau=args.tau,
+                                        operating_point=args.operating_point)
+        summary = run_batch_ray(items, Path(args.out), spec, resources, batch_size=args.batch_size,
+                                progress=not args.quiet, overwrite=args.overwrite)
+    else:
+        summary = run_batch(_pipeline(args), items, Path(args.out), batch_size=args.batch_size, progress=not args.quiet,
+                            overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     if summary["failed"]:
         print(f"deris-rerank: {summary['failed']} of {summary['total']} pairs failed "
@@ -255,14 +285,23 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         raise InputError(f"--worker must look like 0/2 (this worker / number of workers), got {args.worker!r}")
     samples = _samples(args)
+    settings = dict(shard_size=args.shard_size, batch_size=args.batch_size, protocol=args.iou_at,
+                    worker=(int(index), int(count)), progress=not args.quiet, source=_data_source(args),
+                    overwrite=args.overwrite)
     with warnings.catch_warnings():
         if args.data == "refshapes":  # the embedded default's own kind of scene: nothing to warn about
             warnings.simplefilter("ignore", EmbeddedDefaultWarning)
-        pipe = Pipeline(deris=args.deris, gate=False, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                        query_source=args.query_source, batch_semantics=args.batch_semantics)
-    counts = extract_split(pipe, samples, Path(args.out), shard_size=args.shard_size, batch_size=args.batch_size,
-                           protocol=args.iou_at, worker=(int(index), int(count)), progress=not args.quiet,
-                           source=_data_source(args), overwrite=args.overwrite)
+        if args.engine == "ray":
+            from .distributed import run_extract
+
+            spec, resources = _ray_settings(args, gate=False, query_source=args.query_source,
+                                            batch_semantics=args.batch_semantics)
+            counts = run_extract(samples, Path(args.out), spec, resources, **settings)
+        else:
+            pipe = Pipeline(deris=args.deris, gate=False, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                            query_source=args.query_source, batch_semantics=args.batch_semantics)
+    if args.engine != "ray":
+        counts = extract_split(pipe, samples, Path(args.out), **settings)
     print(json.dumps({"split": args.split, **counts}))
     return 1 if counts["failed"] else 0
 
@@ -458,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start afresh: remove earlier results in --out (needed when they were made with other "
                        "settings or for other inputs)")
     _add_pipeline_options(batch)
+    _add_engine_options(batch)
     batch.set_defaults(run=cmd_batch)
 
     extract = commands.add_parser(
@@ -492,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = extract.add_argument_group("model")
     _add_model_files(model)
     _add_device_dtype(model)
+    _add_engine_options(extract)
     extract.set_defaults(run=cmd_extract)
 
     train = commands.add_parser(

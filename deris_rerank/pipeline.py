@@ -68,14 +68,49 @@ def warn_embedded_default() -> None:
 
 
 @dataclass
-class _Image:
-    """A decoded image and its two model inputs, or its image features when already encoded."""
+class DecodedImage:
+    """A decoded image and its two model inputs (`decode_image`), or its image features when already encoded.
+
+    rgb: uint8 [H, W, 3]; image_hi float32 [3, S, S] (perception input, S = config.image_size) or
+    None when `features` are given; image_lo float32 [3, s, s] (BEiT-3's input); load_ms: decode
+    and preprocessing time (ms). Passed to the pipeline in place of an image source, it is used
+    as is (no second decode): how the Ray engine hands over images decoded by other workers.
+    """
 
     rgb: np.ndarray
     image_hi: Optional[torch.Tensor]
     image_lo: torch.Tensor
     load_ms: float
     features: Optional[ImageFeatures] = None
+
+
+_Image = DecodedImage
+
+
+def decode_image(source: Any, image_size: int, image_size_lo: int) -> DecodedImage:
+    """Decode one image source (a path, array, ...; or call a zero-argument source) and prepare both
+    model inputs at `image_size` (perception) and `image_size_lo` (BEiT-3) pixels. Needs no model.
+    Raises a DerisRerankError (InputError) for an image that cannot be read."""
+    timer = StageTimer()
+    with timer("load"):
+        rgb = load_image(source() if callable(source) else source)
+        image_hi, image_lo = prepare_images(rgb, image_size, image_size_lo)
+    return DecodedImage(rgb, image_hi, image_lo, timer.ms["load"])
+
+
+def plan_chunks(pairs: Sequence[Tuple], batch_size: int) -> List[List[List[int]]]:
+    """The model runs `iter_candidates` makes of `pairs`: chunks of image groups (lists of pair indices).
+
+    Pairs are grouped by their third element when given, else by `_image_key` of the image, in
+    order of first appearance, and the groups packed into chunks of at most `batch_size` pairs.
+    Any engine that runs each chunk as one call forms the same batches as the local engine.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    groups: Dict[Any, List[int]] = {}
+    for index, pair in enumerate(pairs):
+        groups.setdefault(pair[2] if len(pair) > 2 else _image_key(pair[0]), []).append(index)
+    return _chunk_groups(list(groups.values()), batch_size)
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,12 +284,7 @@ class Pipeline:
         may also be a zero-argument callable returning a uint8 [H, W, 3] RGB array (generated data).
         Yields a `CandidateBatch` per model run, and (pair index, error) for each bad pair.
         """
-        if batch_size < 1:
-            raise InputError(f"batch_size must be at least 1, got {batch_size}")
-        groups: Dict[Any, List[int]] = {}
-        for index, pair in enumerate(pairs):
-            groups.setdefault(pair[2] if len(pair) > 2 else _image_key(pair[0]), []).append(index)
-        chunks = _chunk_groups(list(groups.values()), batch_size)
+        chunks = plan_chunks(pairs, batch_size)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             loading = [pool.submit(self._load_images, pairs, chunks[0])] if chunks else []
             for k, chunk in enumerate(chunks):
@@ -273,6 +303,9 @@ class Pipeline:
             if isinstance(source, EncodedImage):
                 loaded.append(_Image(source.rgb, None, source.image_lo, 0.0, source.features))
                 continue
+            if isinstance(source, DecodedImage):
+                loaded.append(source)
+                continue
             try:
                 loaded.append(self._decode(source))
             except DerisRerankError as exc:
@@ -281,11 +314,7 @@ class Pipeline:
 
     def _decode(self, source: Any) -> _Image:
         """Decode one image source (or call a zero-argument source) and prepare both model inputs."""
-        timer = StageTimer()
-        with timer("load"):
-            rgb = load_image(source() if callable(source) else source)
-            image_hi, image_lo = prepare_images(rgb, self.config.image_size, self.config.image_size_lo)
-        return _Image(rgb, image_hi, image_lo, timer.ms["load"])
+        return decode_image(source, self.config.image_size, self.config.image_size_lo)
 
     def _run_chunk(self, pairs, chunk: List[List[int]], images):
         jobs = []  # (pair index, image position, tokens, padding)

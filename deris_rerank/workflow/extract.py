@@ -14,6 +14,7 @@ empty prediction against an empty ground truth (a no-target expression) scores I
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -107,6 +108,30 @@ def extract_split(
     else OutputMismatchError names the differences; overwrite=True removes them first.
     Returns counts of pairs written, skipped and failed.
     """
+    check_extract_inputs(samples, protocol)
+    jobs, counts = plan_extract(samples, out_dir, extract_provenance(pipe, protocol, source), shard_size, worker, overwrite)
+    total = counts["skipped"] + sum(len(job.samples) for job in jobs)
+    with tqdm(total=total, initial=counts["skipped"], unit="pair", disable=not progress, dynamic_ncols=True) as bar:
+        for job in jobs:
+            written, failed = _extract_shard(pipe, job, batch_size, protocol, bar)
+            counts["written"] += written
+            counts["failed"] += failed
+    return counts
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard still to write: its number k, its pairs (split positions [k * size, (k + 1) * size)),
+    its file and the provenance it will record."""
+
+    index: int
+    samples: Sequence[ReferringSample]
+    path: Path
+    provenance: dict
+
+
+def check_extract_inputs(samples: Sequence[ReferringSample], protocol: str) -> None:
+    """InputError for an unknown IoU protocol, no pairs, or pairs of several splits."""
     if protocol not in IOU_PROTOCOLS:
         raise InputError(f"IoU protocol must be one of {IOU_PROTOCOLS}, got {protocol!r}")
     if not samples:
@@ -114,8 +139,11 @@ def extract_split(
     splits = {s.split for s in samples}
     if len(splits) != 1:
         raise InputError(f"extract one split at a time, got {sorted(splits)}")
-    split_dir = Path(out_dir) / splits.pop()
-    provenance = {
+
+
+def extract_provenance(pipe: Pipeline, protocol: str, source: Optional[dict]) -> dict:
+    """What each shard records and a rerun must match: model, tokenizer, settings and data source."""
+    return {
         "checkpoint": None if pipe.deris_path is None else str(pipe.deris_path),
         "checkpoint_sha256": model_sha256(pipe),
         "config": pipe.config.to_dict(),
@@ -127,25 +155,58 @@ def extract_split(
         "batch_semantics": pipe.batch_semantics,
         "source": source,
     }
+
+
+def plan_extract(
+    samples: Sequence[ReferringSample], out_dir: Path, provenance: dict, shard_size: int = 10_000,
+    worker: Tuple[int, int] = (0, 1), overwrite: bool = False,
+) -> Tuple[List[ShardJob], Dict[str, int]]:
+    """The shards of this worker still to write, and counts {written: 0, skipped, failed: 0}.
+
+    Checks (OutputMismatchError) that the split's shards have `provenance`; overwrite=True
+    removes them first. A complete shard (every pair of its range that did not fail) is skipped.
+    """
+    split_dir = Path(out_dir) / samples[0].split
     if overwrite:
         _remove_split(split_dir)
     _check_provenance(split_dir, provenance)
     index, count = worker
-    shards = [k for k in range(-(-len(samples) // shard_size)) if k % count == index]
     counts = {"written": 0, "skipped": 0, "failed": 0}
-    total = sum(len(samples[k * shard_size : (k + 1) * shard_size]) for k in shards)
-    with tqdm(total=total, unit="pair", disable=not progress, dynamic_ncols=True) as bar:
-        for k in shards:
-            part = samples[k * shard_size : (k + 1) * shard_size]
-            path = shard_path(split_dir, k)
-            if path.is_file() and _complete(path, part, split_dir):
-                counts["skipped"] += len(part)
-                bar.update(len(part))
-                continue
-            written, failed = _extract_shard(pipe, part, path, batch_size, protocol, provenance, bar)
-            counts["written"] += written
-            counts["failed"] += failed
-    return counts
+    jobs = []
+    for k in range(-(-len(samples) // shard_size)):
+        if k % count != index:
+            continue
+        part = samples[k * shard_size : (k + 1) * shard_size]
+        path = shard_path(split_dir, k)
+        if path.is_file() and _complete(path, part, split_dir):
+            counts["skipped"] += len(part)
+        else:
+            jobs.append(ShardJob(k, part, path, provenance))
+    return jobs, counts
+
+
+def batch_fields(batch: CandidateBatch, targets: List[np.ndarray], config, protocol: str) -> Dict[int, Dict[str, torch.Tensor]]:
+    """`pair_features` of one model run, per pair: {pair index of the batch: {field: tensor}}."""
+    fields = pair_features(batch, targets, config, protocol)
+    return {i: {name: value[b] for name, value in fields.items()} for b, i in enumerate(batch.indices)}
+
+
+def save_shard(job: ShardJob, collected: Dict[int, Dict[str, torch.Tensor]], failed: Dict[int, str]) -> Tuple[int, int]:
+    """Write a shard from its pairs' fields (`collected`: position in `job.samples` -> fields) in
+    split order, and add the failed pairs (position -> reason) to the split's errors.jsonl, in split order.
+    Returns (pairs written, pairs failed)."""
+    part = job.samples
+    order = sorted(collected)
+    if order:
+        tensors = {name: torch.stack([collected[i][name] for i in order]) for name in collected[order[0]]}
+        write_shard(job.path, tensors, [part[i].id for i in order], job.provenance)
+    if failed:
+        errors = job.path.parent / "errors.jsonl"
+        known = {json.loads(line)["id"] for line in _error_lines(job.path.parent)}
+        records = [{"id": part[i].id, "error": failed[i]} for i in sorted(failed)]  # split order, whatever the engine
+        with open(errors, "a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(e) + "\n" for e in records if e["id"] not in known)
+    return len(order), len(failed)
 
 
 def _check_provenance(split_dir: Path, provenance: dict) -> None:
@@ -178,29 +239,17 @@ def _error_lines(split_dir: Path) -> List[str]:
     return [line for line in errors.read_text().splitlines() if line.strip()] if errors.is_file() else []
 
 
-def _extract_shard(pipe, part, path, batch_size, protocol, provenance, bar) -> Tuple[int, int]:
+def _extract_shard(pipe, job: ShardJob, batch_size, protocol, bar) -> Tuple[int, int]:
+    part = job.samples
     pairs = [(s.image, s.text, s.image_id or s.id) for s in part]
     collected: Dict[int, Dict[str, torch.Tensor]] = {}
-    failed: List[dict] = []
+    failed: Dict[int, str] = {}
     for item in pipe.iter_candidates(pairs, batch_size=batch_size):
         if isinstance(item, CandidateBatch):
-            targets = [part[i].target_mask() for i in item.indices]
-            fields = pair_features(item, targets, pipe.config, protocol)
-            for b, i in enumerate(item.indices):
-                collected[i] = {name: value[b] for name, value in fields.items()}
+            collected.update(batch_fields(item, [part[i].target_mask() for i in item.indices], pipe.config, protocol))
             bar.update(len(item.indices))
         else:
             i, error = item
-            failed.append({"id": part[i].id, "error": str(error)})
+            failed[i] = str(error)
             bar.update(1)
-    order = sorted(collected)
-    if order:
-        tensors = {name: torch.stack([collected[i][name] for i in order]) for name in collected[order[0]]}
-        write_shard(path, tensors, [part[i].id for i in order], provenance)
-    if failed:
-        errors = path.parent / "errors.jsonl"
-        known = {json.loads(line)["id"] for line in _error_lines(path.parent)}
-        with open(errors, "a", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(e) + "\n" for e in failed if e["id"] not in known)
-    return len(order), len(failed)
-
+    return save_shard(job, collected, failed)
