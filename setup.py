@@ -1,4 +1,4 @@
-"""Install deris-rerank: `pip install -e .` (add `[test]` for the test suite, `[ray]` for `--engine ray`)."""
+"""Install deris-rerank: `pip install -e .` (add `[test]` for the test suite, `[ray]` for `--engine ray`, `[app]` for `deris-rerank app`)."""
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -32,7 +32,10 @@ setup(
         "data": ["pycocotools>=2.0.6"],
         "plots": ["matplotlib>=3.6"],
         "ray": ["ray[data]>=2.60"],  # --engine ray (deris_rerank/distributed.py); tested with 2.60.0, the lowest tried
-        "test": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.6", "ray[data]>=2.60"],
+        # `deris-rerank app` (deris_rerank/app): tested with gradio 6.31.0 (fastapi 0.165, uvicorn 0.54, httpx 0.28)
+        "app": ["gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+        "test": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.6", "ray[data]>=2.60",
+                 "gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.24"],
     },
     entry_points={"console_scripts": ["deris-rerank=deris_rerank.cli:main"]},
 )

@@ -244,6 +244,20 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """Serve the interactive app and the HTTP API (deris_rerank/app) until interrupted."""
+    try:
+        from .app.server import serve
+        from .app.service import Limits, SegmentService
+    except ImportError as exc:
+        raise DerisRerankError(f"the app needs gradio, fastapi and uvicorn ({exc.name or exc} is missing): "
+                               "pip install \"deris-rerank[app]\"") from None
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+                    max_texts=args.max_texts, queue_timeout_s=args.queue_timeout)
+    serve(SegmentService(_pipeline(args), limits, cache_size=args.cache_images), host=args.host, port=args.port)
+    return 0
+
+
 def _samples(args: argparse.Namespace):
     """The pairs of one split: an annotation file/folder, or generated RefShapes."""
     if args.data == "refshapes":
@@ -477,6 +491,23 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--candidates", action="store_true", help="also save a grid of all candidates with scores")
     _add_pipeline_options(segment)
     segment.set_defaults(run=cmd_segment)
+
+    app = commands.add_parser(
+        "app",
+        help="serve the interactive app and the HTTP API (pip install \"deris-rerank[app]\")",
+        description="A Gradio page at / and POST /api/segment on one server; one model instance, requests take turns.",
+    )
+    app.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only; "
+                     "0.0.0.0 opens it to the network)")
+    app.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    app.add_argument("--max-upload-mb", type=float, default=20.0, help="largest image file accepted, MiB (default 20)")
+    app.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image accepted, pixels (default 40,000,000)")
+    app.add_argument("--max-texts", type=int, default=16, help="most expressions per request (default 16)")
+    app.add_argument("--queue-timeout", type=float, default=60.0,
+                     help="longest wait for the model, seconds; a request waiting longer gets 429 (default 60)")
+    app.add_argument("--cache-images", type=int, default=4, help="images whose encoded features are kept (default 4)")
+    _add_pipeline_options(app)
+    app.set_defaults(run=cmd_app)
 
     batch = commands.add_parser(
         "batch",

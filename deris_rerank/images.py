@@ -91,14 +91,27 @@ def _decode_image_file(source: Union[str, os.PathLike]) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"cannot read image file {path}: {exc.strerror or _one_line(exc)}") from None
+    return load_image_bytes(data, str(path))
+
+
+def load_image_bytes(data: bytes, path: str = "<bytes>", max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file's contents `data` to uint8 [H, W, 3] RGB exactly as `load_image` decodes
+    the file (EXIF orientation, modes, truncation and decompression-bomb checks).
+
+    path: the name messages give the data (an upload's file name). max_pixels: refuse images above
+    this many pixels, read from the header before decoding (at most MAX_IMAGE_PIXELS, the
+    decompression-bomb limit; a server may set less). Raises InputError with one line.
+    """
+    max_pixels = min(int(max_pixels), MAX_IMAGE_PIXELS)
+    limit = "decompression-bomb limit" if max_pixels == MAX_IMAGE_PIXELS else "limit"
     if not data:
         raise InputError(f"image file {path} is empty (0 bytes); expected an image file")
     header = _read_image_header(path, data)
-    if header is not None and header[1] * header[2] > MAX_IMAGE_PIXELS:
+    if header is not None and header[1] * header[2] > max_pixels:
         kind, width, height = header
         raise InputError(
             f"image file {path} is a {width}x{height} {kind} ({width * height:,} pixels), above the "
-            f"decompression-bomb limit of {MAX_IMAGE_PIXELS:,} pixels; downscale it first"
+            f"{limit} of {max_pixels:,} pixels; downscale it first"
         )
     truncated_kind = _truncated_format(data)
     if truncated_kind is not None:

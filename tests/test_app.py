@@ -1,0 +1,306 @@
+"""The app and the HTTP API (deris_rerank/app) with the embedded default on the bundled example.
+
+The API must answer exactly what the Python API answers for the same image and expressions,
+in both request forms, under concurrent load on a live server, and refuse bad requests with a
+4xx and a one-line {"error": ...} while it keeps serving. The page's Run callback is tested
+without a browser.
+"""
+import base64
+import json
+import re
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+try:
+    import gradio  # noqa: F401
+    import fastapi  # noqa: F401
+    import uvicorn
+    from fastapi.testclient import TestClient
+except ImportError as exc:  # the [app] extra is not installed
+    pytest.skip(f"the app's tests need the [app] extra (gradio, fastapi, uvicorn, httpx): {exc}", allow_module_level=True)
+
+from deris_rerank.app.server import create_server
+from deris_rerank.app.service import Limits, SegmentService
+from deris_rerank.app.ui import AppCallbacks, describe_decision
+from deris_rerank.pipeline import DEFAULT_MODEL, Pipeline
+from deris_rerank.rle import decode_mask
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "demo" / "assets" / "shapes.png"
+TEXTS = ["the biggest cross", "the blue circle", "the green square"]  # the gate keeps, switches (p_fail 0.90), keeps
+MAX_UPLOAD = 64 * 1024  # the example is a few kB
+MAX_TEXTS = 4
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_MODEL / "model.safetensors").is_file(),
+                                reason=f"embedded default model not found in {DEFAULT_MODEL}")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def service(pipe):
+    return SegmentService(pipe, Limits(max_upload_bytes=MAX_UPLOAD, max_texts=MAX_TEXTS, queue_timeout_s=120), cache_size=2)
+
+
+@pytest.fixture(scope="module")
+def client(service, tmp_path_factory):
+    server = create_server(service, callbacks=AppCallbacks(service, tmp_path_factory.mktemp("app-out")))
+    with TestClient(server) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def expected(pipe):
+    """The Python API's answers: all TEXTS in one call, and each text alone (JSON)."""
+    encoded = pipe.encode(EXAMPLE)
+    together = [r.to_json() for r in pipe(encoded, TEXTS)]
+    alone = {text: pipe(encoded, [text])[0].to_json() for text in TEXTS}
+    return {"together": together, "alone": alone}
+
+
+def assert_same_answer(got: dict, want: dict) -> None:
+    """Equal results: masks, ranks and decisions exactly; scores to float32 rounding."""
+    assert set(got) == set(want)
+    for key, value in want.items():
+        if key == "timings_ms":
+            continue
+        if isinstance(value, list) and value and isinstance(value[0], float):
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        elif isinstance(value, float):
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        else:
+            assert got[key] == value, key
+
+
+def multipart(texts, image=None, name="shapes.png", **fields):
+    data = {"text": list(texts), **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()}}
+    return {"files": {"image": (name, EXAMPLE.read_bytes() if image is None else image, "image/png")}, "data": data}
+
+
+def as_json(texts, image=None, **fields):
+    raw = EXAMPLE.read_bytes() if image is None else image
+    return {"image": base64.b64encode(raw).decode(), "texts": list(texts), **fields}
+
+
+def test_multipart_answers_equal_the_python_api(client, expected):
+    response = client.post("/api/segment", **multipart(TEXTS))
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["text"] for r in results] == TEXTS
+    for got, want in zip(results, expected["together"]):
+        assert_same_answer(got, want)
+    assert decode_mask(results[0]["mask"]).shape == (192, 192)
+
+
+def test_json_answers_equal_the_python_api_and_gate_settings_apply_per_request(client, expected, service):
+    encoded_before = service.stats()["encoded"]
+    response = client.post("/api/segment", json=as_json(TEXTS))
+    assert response.status_code == 200, response.text
+    for got, want in zip(response.json()["results"], expected["together"]):
+        assert_same_answer(got, want)
+
+    off = client.post("/api/segment", json=as_json(TEXTS, gate=False)).json()["results"]
+    for got, want in zip(off, expected["together"]):
+        assert got["p_fail"] is None and got["selected"] == 0 and not got["switched"]
+        assert got["rerank_scores"] is None
+        assert got["scores"] == pytest.approx(want["scores"], rel=1e-5)
+    assert [r["switched"] for r in expected["together"]] == [False, True, False]
+    never = client.post("/api/segment", **multipart(TEXTS, tau=1.0)).json()["results"]
+    assert not any(r["switched"] for r in never)
+    assert never[1]["mask"] == off[1]["mask"] != expected["together"][1]["mask"]
+    eager = client.post("/api/segment", json=as_json(TEXTS[:1], tau=0.0)).json()["results"]
+    assert eager[0]["switched"]
+    assert [r["p_fail"] for r in never] == pytest.approx([r["p_fail"] for r in expected["together"]], rel=1e-5)
+
+    # the pipeline's own settings are back: the same answers as before
+    again = client.post("/api/segment", json=as_json(TEXTS)).json()["results"]
+    for got, want in zip(again, expected["together"]):
+        assert_same_answer(got, want)
+    assert service.stats()["encoded"] == encoded_before  # the image was encoded once, by the first test
+
+
+def _png_header_claiming(width: int, height: int) -> bytes:
+    """A PNG file whose header claims width x height pixels (and no pixel data)."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def bad_requests():
+    png = EXAMPLE.read_bytes()
+    return {
+        "corrupt image": (400, multipart(["the biggest cross"], image=b"not an image at all")),
+        "truncated PNG": (400, multipart(["the biggest cross"], image=png[: len(png) // 2])),
+        "too many pixels": (400, multipart(["the biggest cross"], image=_png_header_claiming(50_000, 50_000))),
+        "empty text": (400, multipart(["the biggest cross", "   "])),
+        "no text": (400, {"json": as_json([])}),
+        "too many texts": (400, {"json": as_json(["the biggest cross"] * (MAX_TEXTS + 1))}),
+        "too large upload": (413, multipart(["the biggest cross"], image=png + b"\0" * MAX_UPLOAD)),
+        "too large body": (413, {"json": as_json(["x"], image=b"\0" * (2 * MAX_UPLOAD))}),
+        "bad base64": (400, {"json": {"image": "***", "texts": ["the biggest cross"]}}),
+        "not JSON": (400, {"content": b"{nope", "headers": {"content-type": "application/json"}}),
+        "unknown field": (400, {"json": {**as_json(["x"]), "text": "x"}}),
+        "tau out of range": (400, {"json": as_json(["the biggest cross"], tau=1.5)}),
+        "gate not a boolean": (400, {"json": as_json(["the biggest cross"], gate="yes")}),
+        "no image field": (400, {"data": {"text": "the biggest cross"}, "files": {"other": ("a.txt", b"x")}}),
+        "plain text body": (415, {"content": b"hello", "headers": {"content-type": "text/plain"}}),
+    }
+
+
+def test_bad_requests_get_a_4xx_and_one_line_error_and_the_server_keeps_serving(client, expected, service):
+    served = service.stats()["served"]
+    for name, (status, request) in bad_requests().items():
+        response = client.post("/api/segment", **request)
+        assert response.status_code == status, (name, response.text)
+        body = response.json()
+        assert list(body) == ["error"], name
+        assert body["error"] and "\n" not in body["error"] and "Traceback" not in body["error"], name
+    assert service.stats()["served"] == served  # none of them reached the model
+    assert "decompression" not in client.post("/api/segment", **bad_requests()["too many pixels"][1]).json()["error"]
+    response = client.post("/api/segment", **multipart(TEXTS))
+    assert response.status_code == 200
+    for got, want in zip(response.json()["results"], expected["together"]):
+        assert_same_answer(got, want)
+    assert client.get("/api/health").json()["status"] == "ok"
+
+
+def test_a_request_that_cannot_get_the_model_in_time_gets_429(pipe, expected):
+    service = SegmentService(pipe, Limits(queue_timeout_s=0.01))
+    api = TestClient(create_server(service, ui=False))
+    with service._model_lock:  # another request holds the model
+        response = api.post("/api/segment", **multipart(["the biggest cross"]))
+    assert response.status_code == 429 and "retry later" in response.json()["error"]
+    assert service.stats()["refused_busy"] == 1
+    response = api.post("/api/segment", **multipart(["the biggest cross"]))
+    assert response.status_code == 200
+    assert_same_answer(response.json()["results"][0], expected["alone"]["the biggest cross"])
+
+
+@pytest.fixture(scope="module")
+def live_server(service, tmp_path_factory):
+    """The whole server (API + page) under uvicorn on 127.0.0.1, in a thread; yields its base URL."""
+    server = uvicorn.Server(uvicorn.Config(
+        create_server(service, callbacks=AppCallbacks(service, tmp_path_factory.mktemp("live-out"))),
+        log_level="warning"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    started = threading.Event()
+    for _ in range(600):  # up to a minute for startup (a bound, not a speed test)
+        if server.started or not thread.is_alive():
+            break
+        started.wait(0.1)
+    assert server.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(60)
+    sock.close()
+
+
+def test_concurrent_clients_all_get_the_python_api_answer(live_server, expected, service):
+    import requests
+
+    clients, per_client = 8, 3
+    served = service.stats()["served"]
+
+    def one_client(number):
+        answers = []
+        with requests.Session() as session:
+            for k in range(per_client):
+                text = TEXTS[(number + k) % len(TEXTS)]
+                if (number + k) % 2:
+                    response = session.post(f"{live_server}/api/segment", json=as_json([text]), timeout=300)
+                else:
+                    request = multipart([text])
+                    response = session.post(f"{live_server}/api/segment", files=request["files"], data=request["data"], timeout=300)
+                answers.append((text, response.status_code, response.json()))
+        return answers
+
+    with ThreadPoolExecutor(clients) as pool:
+        answers = [a for batch in pool.map(one_client, range(clients)) for a in batch]
+    assert len(answers) == clients * per_client
+    for text, status, body in answers:
+        assert status == 200, body
+        assert_same_answer(body["results"][0], expected["alone"][text])
+    health = requests.get(f"{live_server}/api/health", timeout=60).json()
+    assert health["status"] == "ok" and health["served"] == served + clients * per_client
+    assert health["refused_busy"] == 0 and health["waiting"] == 0
+    page = requests.get(f"{live_server}/", timeout=60)
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+
+
+def test_the_run_button_callback_shows_overlays_decisions_and_downloads(service, expected, tmp_path):
+    callbacks = AppCallbacks(service, tmp_path)
+    status, overlays, grids, answers, decisions, files = callbacks.run(str(EXAMPLE), "\n".join(TEXTS) + "\n\n", True, None)
+    assert status == "3 expressions answered."
+    assert [caption for _, caption in overlays] == [f"{k}. {t}" for k, t in enumerate(TEXTS, 1)]
+    assert all(image.shape == (192, 192, 3) and image.dtype == np.uint8 for image, _ in overlays + answers)
+    assert all(grid.shape[0] >= 192 for grid, _ in grids)
+    for text, want in zip(TEXTS, expected["together"]):
+        assert text in decisions
+    assert re.search(r"\*\*Kept\*\* Query-0 .*: p_fail \d\.\d{3} ≤ tau 0\.66", decisions)
+    assert re.search(r"\*\*Switched\*\* from Query-0 to candidate #1 .*: p_fail 0\.9\d\d > tau 0\.66", decisions)
+    assert len(files) == 6
+    saved = [json.loads(Path(f).read_text()) for f in files if f.endswith(".json")]
+    for got, want in zip(saved, expected["together"]):
+        assert_same_answer(got, want)
+    from PIL import Image
+
+    mask_png = np.asarray(Image.open(files[0])) > 0
+    assert np.array_equal(mask_png, decode_mask(expected["together"][0]["mask"]))
+
+    _, _, _, _, off, _ = callbacks.run(str(EXAMPLE), TEXTS[0], False, 0.3)
+    assert "gate is off" in off
+
+
+@pytest.mark.parametrize("image, text, message", [
+    (None, "the biggest cross", "no image"),
+    (EXAMPLE, " \n ", "no expression"),
+    (REPO / "setup.py", "the biggest cross", "cannot decode image file setup.py"),
+])
+def test_the_run_button_callback_shows_one_readable_error(service, tmp_path, image, text, message):
+    status, overlays, grids, answers, decisions, files = AppCallbacks(service, tmp_path).run(
+        None if image is None else str(image), text, True, 0.5)
+    assert status.startswith("**Error:**") and message in status and "\n" not in status
+    assert overlays == grids == answers == files == [] and decisions == ""
+
+
+def test_decision_words(expected):
+    from deris_rerank.result import Result
+
+    want = expected["alone"]["the biggest cross"]
+    result = Result(text="x", mask=np.zeros((2, 2), bool), selected_rank=2, switched=True, p_fail=0.9,
+                    scores=[0.9, 0.5, 0.4], slots=[3, 1, 0], deris_mask=np.zeros((2, 2), bool),
+                    default_mask=np.zeros((2, 2), bool), existence=1.0, timings={})
+    assert describe_decision(result, True, 0.5).startswith("**Switched** from Query-0 to candidate #2")
+    kept = Result(**{**result.__dict__, "switched": False, "selected_rank": 0})
+    assert "no other candidate was predicted" in describe_decision(kept, True, 0.5)
+    assert "trusts DeRIS" in describe_decision(kept, True, 0.95)
+    assert want["text"] == "the biggest cross"
+
+
+def test_only_the_app_package_imports_gradio_fastapi_or_uvicorn():
+    package = REPO / "deris_rerank"
+    pattern = re.compile(r"^\s*(import|from)\s+(gradio|fastapi|uvicorn|starlette)\b", re.M)
+    outside = [str(p.relative_to(REPO)) for p in package.rglob("*.py")
+               if "app" not in p.relative_to(package).parts[:1] and pattern.search(p.read_text())]
+    assert outside == []
+
+
+def test_the_app_command_listens_on_this_machine_only_by_default():
+    from deris_rerank.cli import build_parser
+
+    args = build_parser().parse_args(["app"])
+    assert args.host == "127.0.0.1" and args.port == 7860 and args.run.__name__ == "cmd_app"
