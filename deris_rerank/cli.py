@@ -124,7 +124,8 @@ def _pipeline(args: argparse.Namespace):
                     operating_point=args.operating_point)
 
 
-def _summary(result, written) -> str:
+def _summary(result, written, tau=None) -> str:
+    """The printed answer for one pair; `tau`: the re-ranker's threshold, shown beside p_fail."""
     from .tokenizer import shorten_text
 
     top = f"candidate #{result.selected_rank} (slot {result.selected_slot}, score {result.scores[result.selected_rank]:.3f})"
@@ -133,6 +134,10 @@ def _summary(result, written) -> str:
     else:
         decision = f"kept DeRIS's {top}"
     gate = "no gate" if result.p_fail is None else f"p_fail {result.p_fail:.3f}"
+    if result.p_fail is not None and tau is not None:
+        gate += f" {'>' if result.p_fail > tau else '<='} tau {tau:g}"
+        if result.p_fail > tau and not result.switched:
+            gate += " (no other candidate beat DeRIS's by the rule's margin)"
     stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items())
     area = "EMPTY (nothing found)" if result.mask_empty else f"{int(result.mask.sum())} pixels"
     notes = [f"note: {note}" for note in result.notes if not note.startswith("answered by the embedded default")]
@@ -206,7 +211,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     pipe = _pipeline(args)
     result = pipe(image, args.text)
     written = result.save(out_dir, name=image.stem, candidates=args.candidates)
-    print(json.dumps(result.to_json(), indent=2) if args.json else _summary(result, written))
+    tau = None if pipe.gate is None else pipe.gate.rule.tau
+    print(json.dumps(result.to_json(), indent=2) if args.json else _summary(result, written, tau))
     return 0
 
 

@@ -39,6 +39,7 @@ def test_segment_writes_overlay_mask_and_summary(tiny_model_dir, images, tmp_pat
     out = capsys.readouterr().out
     assert code == 0
     assert "p_fail" in out and "scores:" in out and "time:" in out
+    assert "tau 0.3" in out  # the threshold the decision was made against (the test gate's)
     mask = cv2.imread(str(tmp_path / "img0_mask.png"), cv2.IMREAD_GRAYSCALE)
     saved = json.loads((tmp_path / "img0.json").read_text())
     assert mask.shape == (120, 160) and np.array_equal(mask > 127, decode_mask(saved["mask"]))
