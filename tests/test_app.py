@@ -212,7 +212,7 @@ def live_server(service, tmp_path_factory):
 def test_concurrent_clients_all_get_the_python_api_answer(live_server, expected, service):
     import requests
 
-    clients, per_client = 8, 3
+    clients, per_client = 16, 4  # the bounded load: 64 requests
     served = service.stats()["served"]
 
     def one_client(number):
