@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from test_calibrated import N, inputs, reranker
-from test_workflow import SMALL, caches  # noqa: F401  (the workflow's tiny caches, a module fixture)
+from test_workflow import SMALL, caches, pipeline_and_cache_decisions  # noqa: F401  (caches: the workflow's tiny caches, a module fixture)
 
 from deris_rerank import Pipeline, cli
 from deris_rerank.data import RefShapes
@@ -170,18 +170,14 @@ def test_cli_trains_a_reranker_with_memory_and_adds_one_to_an_existing_one(cache
     assert added["memory_building"]["retrieval"] == 2
     capsys.readouterr()
     # the explanation: the pipeline reports each candidate's retrieved estimate, by rank, as decide gives it
-    samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
-    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=tmp_path / "ret.safetensors", device="cpu", tau=0.0)
-    results = pipe.batch([(s.image, s.text) for s in samples][:3])
-    data = load_gate_data([caches / "val"])
-    decision = load_gate(tmp_path / "ret.safetensors", tau=0.0).decide(
-        data.query_feat[:3], data.scores[:3], data.mask_stats[:3], data.grid[:3], text=data.text.select(slice(0, 3)))
+    results, decision = pipeline_and_cache_decisions(tiny_model_dir, tmp_path / "ret.safetensors", caches, 3)
     assert [r.switched for r in results] == decision.switched.tolist()
     for b, r in enumerate(results):
         assert np.allclose(r.retrieved_scores, decision.retrieved[b, r.slots].numpy(), atol=1e-4)
         assert r.to_json()["retrieved_scores"] == r.retrieved_scores
     no_memory = Pipeline(deris=tiny_model_dir / "deris", gate=tmp_path / "plain.safetensors", device="cpu")
-    assert no_memory(samples[0].image, samples[0].text).to_json()["retrieved_scores"] is None
+    sample = RefShapes("val", num_images=1, seed=3, image_size=(128, 128))[0]
+    assert no_memory(sample.image, sample.text).to_json()["retrieved_scores"] is None
     # errors a user can fix, in one line
     assert cli.main(["add-memory", "--gate", str(tmp_path / "plain.safetensors"), "--tune", str(caches / "tune"),
                      "--out", str(tmp_path / "x")]) == 2

@@ -168,6 +168,21 @@ def test_extract_refuses_to_mix_shards_of_other_settings_or_data(tiny_model_dir,
     _, ids, provenance = read_cache([tmp_path / "train"])
     assert ids == [s.id for s in RefShapes("train", num_images=4, seed=2)]
     assert len(provenance) == 1 and provenance[0]["source"]["refshapes"]["seed"] == 2
+
+
+def pipeline_and_cache_decisions(model_dir, gate_path, caches, pairs: int):
+    """(the pipeline's Results, the re-ranker's decision on the cached features) for the first
+    `pairs` pairs of the `val` cache (the same RefShapes pairs), both with tau 0."""
+    samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
+    pipe = Pipeline(deris=model_dir / "deris", gate=gate_path, device="cpu", tau=0.0)
+    results = pipe.batch([(s.image, s.text) for s in samples][:pairs])
+    data = load_gate_data([caches / "val"])
+    rows = slice(0, pairs)
+    decision = load_gate(gate_path, tau=0.0).decide(
+        data.query_feat[rows], data.scores[rows], data.mask_stats[rows], data.grid[rows], text=data.text.select(rows))
+    return results, decision
+
+
 def test_calibrated_reranker_trains_evaluates_and_runs_in_the_pipeline(caches, tiny_model_dir, tmp_path, capsys):
     from deris_rerank.venice.calibrated import CalibratedReranker
 
@@ -186,12 +201,7 @@ def test_calibrated_reranker_trains_evaluates_and_runs_in_the_pipeline(caches, t
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert report["protocol"]["gate"]["flavour"] == "calibrated" and "failure_auc" in report["overall"]
     # the pipeline passes the expression's features on, and decides as the cache-based evaluation does
-    samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
-    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=tmp_path / "cal.safetensors", device="cpu", tau=0.0)
-    results = pipe.batch([(s.image, s.text) for s in samples][:4])
-    data = load_gate_data([caches / "val"])
-    decision = load_gate(tmp_path / "cal.safetensors", tau=0.0).decide(
-        data.query_feat[:4], data.scores[:4], data.mask_stats[:4], data.grid[:4], text=data.text.select(slice(0, 4)))
+    results, decision = pipeline_and_cache_decisions(tiny_model_dir, tmp_path / "cal.safetensors", caches, 4)
     assert [r.switched for r in results] == decision.switched.tolist()
     assert np.allclose([r.p_fail for r in results], decision.p_fail.numpy(), atol=1e-4)
     for b, r in enumerate(results):  # the explanation: scores by rank, as the decision's per-slot values

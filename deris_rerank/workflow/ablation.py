@@ -60,7 +60,7 @@ def ablation_rows(data: GateData, gates: Dict[str, object], timing_pairs: int = 
         outputs = gate_outputs(gate, data)
         ms = time_per_pair(gate, data, timing_pairs) if timing_pairs else None
         rules = {name: gate.rule}
-        for point, rule in getattr(gate, "operating_points", {}).items():
+        for point, rule in gate.operating_points.items():
             if point != "tuned" and rule != gate.rule:
                 rules[f"{name} ({point})"] = rule
         for label, rule in rules.items():

@@ -56,7 +56,7 @@ def evaluate(data: GateData, gate: Optional[VeniceGate]) -> Dict[str, object]:
         selected, p_fail = decision.selected, decision.p_fail.numpy()
     else:
         outputs, selected, p_fail = None, default, None
-    points = getattr(gate, "operating_points", {}) if gate is not None else {}
+    points = gate.operating_points if gate is not None else {}
     arrays = {
         "ious": data.ious.numpy().astype(np.float64),
         "inter": data.inter.numpy(),
