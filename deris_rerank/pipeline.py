@@ -29,7 +29,7 @@ from .venice.decision import check_tau, named_rule
 from .venice.gate import VeniceGate
 from .venice.gate_files import load_gate
 from .images import load_image
-from .devices import precision, resolve_device, resolve_dtype
+from .devices import precision, resolve_device, resolve_dtype, store_for_autocast
 from .model_files import DEFAULT_MODEL, default_model, resolve_deris, resolve_gate, resolve_tokenizer
 from .tokenizer import Beit3Tokenizer, TextNotes, shorten_text
 from .transforms import prepare_images, resize_mask_nearest
@@ -151,7 +151,9 @@ class Pipeline:
     files are looked for; `Pipeline.from_files` takes paths only.)
     device: "auto" picks CUDA when available; built objects are moved there. dtype: None
     (float32), or autocast in bfloat16 (CPU or CUDA) or float16 (CUDA); the deformable sampling,
-    softmaxes and signatures stay in float32.
+    softmaxes and signatures stay in float32. DeRIS weights loaded from files are then stored in
+    that dtype where autocast would round them on each call (`devices.store_for_autocast`: same
+    results, less time and memory); a built `DerisModel` is used as given.
     operating_point: one of the re-ranker's stored operating points instead of its own rule
     (the calibrated re-ranker stores "tuned", its rule, and "conservative": fewer switches, at
     most ~1 % harmful on its tuning split); tau then overrides the threshold.
@@ -179,7 +181,7 @@ class Pipeline:
             self.model = deris.to(self.device).eval()
         else:
             self.deris_path = resolve_deris(default_model() if deris is None else deris)
-            self.model = load_deris(self.deris_path, device=self.device)
+            self.model = store_for_autocast(load_deris(self.deris_path, device=self.device), self.autocast_dtype)
         self.config = self.model.config
         if isinstance(tokenizer, Beit3Tokenizer):
             self.tokenizer_path, self.tokenizer = tokenizer.path, tokenizer

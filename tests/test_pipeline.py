@@ -212,6 +212,26 @@ def test_bfloat16_runs_on_cpu_close_to_float32_and_float16_needs_cuda(tiny_model
             Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu", dtype="float16")
 
 
+def test_bfloat16_weights_are_stored_once_with_the_same_results(tiny_model_dir, photo):
+    """The fast mode rounds linear/conv weights once at load: bit-identical to autocast rounding
+    them on every call (a built float32 model, used as given), and the other parameters stay float32."""
+    from deris_rerank.checkpoints import load_deris
+
+    stored = Pipeline(deris=tiny_model_dir / "deris", gate=tiny_model_dir / "gate.safetensors", device="cpu", dtype="bfloat16")
+    as_given = Pipeline(deris=load_deris(tiny_model_dir / "deris"), tokenizer=stored.tokenizer,
+                        gate=tiny_model_dir / "gate.safetensors", device="cpu", dtype="bfloat16")
+    linears = [m for m in stored.model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    norms = [m for m in stored.model.modules() if isinstance(m, (torch.nn.LayerNorm, torch.nn.Embedding))]
+    assert linears and norms
+    assert all(p.dtype == torch.bfloat16 for m in linears for p in m.parameters())
+    assert all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    assert all(p.dtype == torch.float32 for p in as_given.model.parameters())  # a built model is not changed
+    for text in ("the red car", "man on the left"):
+        want, got = as_given(photo[0], text), stored(photo[0], text)
+        assert got.scores == want.scores and got.slots == want.slots and got.p_fail == want.p_fail
+        assert np.array_equal(got.mask, want.mask) and np.array_equal(got.deris_mask, want.deris_mask)
+
+
 @pytest.mark.gpu
 def test_cuda_matches_cpu(tiny_model_dir, photo, pipe):
     gpu = Pipeline(deris=tiny_model_dir / "deris", gate=tiny_model_dir / "gate.safetensors", device="cuda", tau=0.0)
