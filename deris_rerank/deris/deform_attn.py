@@ -59,7 +59,8 @@ def ms_deform_attn_sample(
             level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False
         )  # [N*M, D, Lq, P]
         level_weights = weights[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P]
-        output += (sampled * level_weights[:, None]).sum(-1)
+        # the weighted sum over the P points as one batched product: no [N*M, D, Lq, P] temporary
+        output += torch.einsum("bdqp,bqp->bdq", sampled, level_weights)
     output = output.view(batch, heads * head_dim, num_queries).transpose(1, 2)
     return output.to(value.dtype)
 
