@@ -110,6 +110,15 @@ def test_deform_sample_runs_in_float32_for_bfloat16_values():
     assert torch.equal(out, in_float32.bfloat16())
 
 
+def test_deform_sample_stays_in_float32_under_autocast():
+    """Autocast would run the weighted sum (a batched product) in bfloat16: the sampling opts out."""
+    value, shapes, locations, weights = random_sampling_problem(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = ms_deform_attn_sample(value, shapes, locations, weights)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, ms_deform_attn_sample(value, shapes, locations, weights))
+
+
 # --------------------------------------------------------------------------------------------
 # positions and reference points
 
