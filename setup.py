@@ -1,4 +1,4 @@
-"""Install deris-rerank: `pip install -e .` (add `[test]` for the test suite, `[ray]` for `--engine ray`, `[app]` for `deris-rerank app`)."""
+"""Install deris-rerank: `pip install -e .` (add `[test]` for the test suite, `[ray]` for `--engine ray`, `[app]` for `deris-rerank app`, `[hub]` for hf:// model paths)."""
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -34,8 +34,11 @@ setup(
         "ray": ["ray[data]>=2.60"],  # --engine ray (deris_rerank/distributed.py); tested with 2.60.0, the lowest tried
         # `deris-rerank app` (deris_rerank/app): tested with gradio 6.31.0 (fastapi 0.165, uvicorn 0.54, httpx 0.28)
         "app": ["gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
+        # hf://OWNER/REPO/PATH model paths (deris_rerank/model_files.py): tested with huggingface_hub 2.4.0
+        "hub": ["huggingface_hub>=0.20"],
         "test": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.6", "ray[data]>=2.60",
-                 "gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.24"],
+                 "gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.24",
+                 "huggingface_hub>=0.20"],
     },
     entry_points={"console_scripts": ["deris-rerank=deris_rerank.cli:main"]},
 )

@@ -17,6 +17,7 @@ from .deris.config import PRESETS, DerisConfig
 from .deris.model import DerisModel
 from .errors import CheckpointError, OutputError
 from .fileio import atomic_write, check_format, file_sha256, read_json, read_safetensors, read_torch_file, state_dict_mismatch
+from .model_files import is_hub_path, resolve_deris
 
 
 # --- DeRIS ------------------------------------------------------------------------------
@@ -101,8 +102,8 @@ def _read_deris_source(source: Any, config: Any) -> Tuple[Dict[str, torch.Tensor
     if isinstance(source, Mapping):
         state, origin, stored_config = dict(source), "the given state dict", None
     else:
-        path = Path(source).expanduser()
-        origin = str(path)
+        path = resolve_deris(source) if is_hub_path(source) else Path(source).expanduser()
+        origin = source if is_hub_path(source) else str(path)
         if path.is_dir() or path.suffix == ".safetensors":
             folder = path if path.is_dir() else path.parent
             weights = path / DERIS_WEIGHTS_FILE if path.is_dir() else path
@@ -144,7 +145,8 @@ def load_deris(source: Any, config: Any = None, device: Any = None, dtype: Optio
     """Build a DerisModel and load weights into it, strictly; returns it in eval mode.
 
     source: an official `.pth`/`.pt` (`{"state_dict": ...}` or bare, optionally `module.`-prefixed;
-    read with weights_only=True), our folder (or its `model.safetensors`) with `config.json`, or a
+    read with weights_only=True), our folder (or its `model.safetensors`) with `config.json`, either
+    of them as an `hf://OWNER/REPO[@REVISION]/PATH` of the Hugging Face Hub (see `model_files`), or a
     state dict with upstream or our names. config: a preset name or DerisConfig; detected from
     the shapes of an upstream state dict when None. Unused-at-inference keys are dropped; buffers
     that are functions of the config (Swin `relative_position_index`) are checked, not loaded.

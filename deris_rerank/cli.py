@@ -77,16 +77,17 @@ def _rule_overrides(args: argparse.Namespace) -> dict:
 
 def _add_model_files(group) -> None:
     """--deris and --tokenizer, shared by segment, batch and extract."""
-    group.add_argument("--deris", help="DeRIS checkpoint: official .pth, converted folder or preset name "
-                       "(default: the embedded default model)")
-    group.add_argument("--tokenizer", help="BEiT-3 sentencepiece model (default: beit3.spm next to --deris or in weights/)")
+    group.add_argument("--deris", help="DeRIS checkpoint: official .pth, converted folder or preset name, or either "
+                       "on the Hugging Face Hub as hf://OWNER/REPO[@REVISION]/PATH (default: the embedded default model)")
+    group.add_argument("--tokenizer", help="BEiT-3 sentencepiece model, a path or hf://... "
+                       "(default: beit3.spm next to --deris or in weights/)")
 
 
 def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     _add_model_files(group)
-    group.add_argument("--gate", help="re-ranker: a Venice-H1 or calibrated gate file (default: gate.safetensors "
-                       "beside --deris, or venice_h1.* in weights/)")
+    group.add_argument("--gate", help="re-ranker: a Venice-H1 or calibrated gate file, a path or hf://... "
+                       "(default: gate.safetensors beside --deris, or venice_h1.* in weights/)")
     group.add_argument("--no-gate", action="store_true", help="do not re-rank: DeRIS's own first choice")
     _add_device_dtype(group)
     _add_tau(group)
@@ -372,6 +373,7 @@ def cmd_add_memory(args: argparse.Namespace) -> int:
     """Give a trained calibrated re-ranker a retrieval memory; re-pick its weight and operating points on --tune."""
     from .errors import InputError
     from .fileio import read_json
+    from .model_files import resolve_gate
     from .venice.calibrated import CalibratedReranker
     from .venice.gate_files import load_gate, save_calibrated
     from .workflow.gate_data import load_gate_data
@@ -380,7 +382,8 @@ def cmd_add_memory(args: argparse.Namespace) -> int:
     settings = CalibratedSettings(**{name: getattr(args, name) for name in (*RETRIEVAL_SETTINGS, *POINT_SETTINGS)})
     if settings.retrieval < 1:
         raise InputError(f"--retrieval (k, the neighbours read) must be at least 1, got {settings.retrieval}")
-    reranker = load_gate(args.gate)
+    gate_path = resolve_gate(args.gate, None)
+    reranker = load_gate(gate_path)
     if not isinstance(reranker, CalibratedReranker):
         raise InputError(f"{args.gate} is a Venice-H1 gate; a retrieval memory needs a calibrated re-ranker (train-gate --arch calibrated)")
     reranker.attach_memory(None)
@@ -388,7 +391,7 @@ def cmd_add_memory(args: argparse.Namespace) -> int:
     tune = load_gate_data([Path(p) for p in args.tune])
     memory, reranker.rule, reranker.operating_points, tuned = choose_retrieval(reranker, tune, settings, train=train)
     reranker.attach_memory(memory)
-    sidecar = read_json(Path(args.gate).with_suffix(".json"), "gate settings")
+    sidecar = read_json(gate_path.with_suffix(".json"), "gate settings")
     kept = {k: v for k, v in sidecar.items() if k not in ("format", "format_version", "config", "rule", "operating_points", "retrieval")}
     built = {name: getattr(settings, name) for name in (*RETRIEVAL_SETTINGS, *POINT_SETTINGS)}
     written = save_calibrated(reranker, args.out, extra={**kept, "memory_building": built, "tuning": tuned})
@@ -436,6 +439,7 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
     from .data.refshapes import RefShapes, corpus
     from .devices import resolve_device
     from .deris.config import DerisConfig
+    from .model_files import local_path
     from .training.tokenizer import train_word_tokenizer
     from .training.train_deris import train_deris
 
@@ -443,12 +447,12 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
     config = DerisConfig.preset(args.preset)
     size = (config.image_size, config.image_size)
     dataset = RefShapes("train", num_images=args.train_images, seed=args.seed, image_size=size, mode=args.refshapes_mode)
-    tokenizer = Path(args.tokenizer) if args.tokenizer else out / "tokenizer.model"
+    tokenizer = local_path(args.tokenizer) if args.tokenizer else out / "tokenizer.model"
     if not tokenizer.is_file():
         train_word_tokenizer(corpus(20_000, seed=args.seed), tokenizer, max_pieces=config.beit3.vocab_size - 2)
     settings = settings_from_args(args, DerisTrainSettings)
     device = resolve_device(args.device)
-    init = Path(args.init_perception) if args.init_perception else None
+    init = local_path(args.init_perception) if args.init_perception else None
     train_deris(config, dataset, tokenizer, out, settings, device=device, log=training_log(args),
                 init_perception=init)
     print(json.dumps({"model": str(out / "model"), "tokenizer": str(out / "model" / "tokenizer.model")}))
@@ -603,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         "weight (0 = no retrieval) and the operating points on --tune (out-of-fold halves when the memory holds tuning "
         "pairs). Writes OUT.safetensors + OUT.json; the input file is not changed.",
     )
-    add_memory.add_argument("--gate", required=True, help="a calibrated re-ranker (.safetensors)")
+    add_memory.add_argument("--gate", required=True, help="a calibrated re-ranker (.safetensors; a path or hf://...)")
     add_memory.add_argument("--train", nargs="+", help="caches whose candidates fill the memory (--memory-source train)")
     add_memory.add_argument("--tune", nargs="+", required=True, help="tuning cache split folders (not the evaluation split)")
     add_memory.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
@@ -620,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and prints the table with its protocol.",
     )
     evaluate.add_argument("--cache", nargs="+", required=True, help="cache split folders to evaluate")
-    evaluate.add_argument("--gate", nargs="+", help="gate / re-ranker checkpoint (omit to evaluate DeRIS alone); "
+    evaluate.add_argument("--gate", nargs="+", help="gate / re-ranker checkpoint, a path or hf://... (omit to evaluate DeRIS alone); "
                           "several: the tables are for the first, and OUT/ablation.md compares them all")
     _add_tau(evaluate)
     _add_operating_point(evaluate)
@@ -662,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read an official DeRIS checkpoint safely (weights_only) and write OUT_DIR/model.safetensors "
         "and OUT_DIR/config.json (with the weights' sha256), so later loads never touch pickle.",
     )
-    convert.add_argument("checkpoint", help="official DeRIS .pth file")
+    convert.add_argument("checkpoint", help="official DeRIS .pth file (a path or hf://OWNER/REPO[@REVISION]/PATH)")
     convert.add_argument("output", help="output folder")
     convert.add_argument("--preset", help="deris-l-refcoco, deris-b-refcoco, deris-l-grefcoco or deris-b-grefcoco "
                          "(default: detected from the checkpoint's shapes)")
@@ -673,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert a Venice-H1 gate checkpoint (.pt/.pth) to safetensors + JSON",
         description="Read a Venice-H1 gate checkpoint safely and write OUTPUT.safetensors and OUTPUT.json.",
     )
-    convert_gate.add_argument("checkpoint", help="Venice-H1 .pt/.pth file, or one of ours (.safetensors)")
+    convert_gate.add_argument("checkpoint", help="Venice-H1 .pt/.pth file, or one of ours (.safetensors); a path or hf://...")
     convert_gate.add_argument("output", help="output path; .safetensors and .json are written beside it")
     _add_rule_overrides(convert_gate)
     convert_gate.set_defaults(run=cmd_convert_gate)

@@ -147,8 +147,10 @@ class Pipeline:
     gate: a re-ranker (`VeniceGate` or `CalibratedReranker`), or its file (a Venice-H1
     checkpoint, or our `.safetensors` + `.json`); None looks for `gate.safetensors` beside
     the DeRIS weights, then `venice_h1.*` in the weights folders, and runs without a gate
-    (DeRIS's own Query-0) when there is none; False never uses one. (`model_files` says where
-    files are looked for; `Pipeline.from_files` takes paths only.)
+    (DeRIS's own Query-0) when there is none; False never uses one. Any of the files may be a
+    Hugging Face Hub path, `hf://OWNER/REPO[@REVISION]/PATH` (a file or folder of a model
+    repository, fetched into huggingface_hub's cache; needs the `hub` extra). (`model_files` says
+    where files are looked for; `Pipeline.from_files` takes paths only.)
     device: "auto" picks CUDA when available; built objects are moved there. dtype: None
     (float32), or autocast in bfloat16 (CPU or CUDA) or float16 (CUDA); the deformable sampling,
     softmaxes and signatures stay in float32. DeRIS weights loaded from files are then stored in

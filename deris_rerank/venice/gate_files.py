@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from ..errors import CheckpointError, InputError, OutputError
 from ..fileio import atomic_write, check_format, read_json, read_safetensors, read_torch_file, state_dict_mismatch
+from ..model_files import is_hub_path, resolve_gate
 from .calibrated import CalibratedConfig, CalibratedReranker
 from .decision import DecisionRule, check_tau, named_rule
 from .retrieval import RetrievalConfig, RetrievalMemory, storage_state
@@ -153,12 +154,14 @@ def load_gate(
 
     `path`: a Venice-H1 `.pt`/`.pth` file (released: `{model, config}` or `{model, tau, ...}`;
     packaged: `{model, config: {model: ...}}`), read with `weights_only=True`; or our own
-    `.safetensors` file with its `.json` sidecar (see `save_gate`).
+    `.safetensors` file with its `.json` sidecar (see `save_gate`); or either as an
+    `hf://OWNER/REPO[@REVISION]/PATH` of the Hugging Face Hub (see `model_files`; our pair is
+    fetched together).
     `tau`, `temp`, `margin_pred`, `margin_gap` override the file's decision settings.
     `query_dim`, when given, is the embedding size the caller's DeRIS produces; a gate
     trained for another size is refused.
     """
-    path = Path(path).expanduser()
+    path = resolve_gate(path, None) if is_hub_path(path) else Path(path).expanduser()
     overrides = {"tau": tau, "temp": temp, "margin_pred": margin_pred, "margin_gap": margin_gap}
     if path.suffix in (".safetensors", ".json"):
         weights_path, sidecar_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
