@@ -27,6 +27,7 @@ except ImportError as exc:  # the [app] extra is not installed
 try:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 except ImportError as exc:
@@ -79,6 +80,7 @@ def browser(downloads):
     Manager looks nothing up), a fixed window, downloads into `downloads`."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    # --no-sandbox: as root (containers, CI) Chromium does not start without it
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
                      f"--window-size={WINDOW[0]},{WINDOW[1]}", "--force-device-scale-factor=1", "--hide-scrollbars"):
         options.add_argument(argument)
@@ -103,8 +105,11 @@ def open_page(driver, url):
 
 
 def wait_for(driver, condition, what):
-    """condition(driver)'s first truthy value, waiting up to WAIT_S seconds."""
-    return WebDriverWait(driver, WAIT_S, poll_frequency=0.2).until(condition, f"{what} did not appear in {WAIT_S} s")
+    """condition(driver)'s first truthy value, waiting up to WAIT_S seconds (elements that are not
+    there yet, or that the page replaced while being read, count as not yet)."""
+    waiting = WebDriverWait(driver, WAIT_S, poll_frequency=0.2,
+                            ignored_exceptions=(NoSuchElementException, StaleElementReferenceException))
+    return waiting.until(condition, f"{what} did not appear in {WAIT_S} s")
 
 
 def loaded_images(driver, selector):
@@ -133,8 +138,12 @@ def run(driver, text):
     box.send_keys(text)
     before = markdown_text(driver, "status")
     driver.find_element(By.CSS_SELECTOR, "#run").click()
-    return wait_for(driver, lambda d: markdown_text(d, "status") not in ("", before) and markdown_text(d, "status"),
-                    "the status line")
+
+    def new_status(d):
+        status = markdown_text(d, "status")
+        return status if status not in ("", before) else None
+
+    return wait_for(driver, new_status, "the status line")
 
 
 def save_screenshot(driver, tmp_path) -> Path:
@@ -178,7 +187,7 @@ def test_the_page_segments_the_example_as_the_python_api_does(browser, server_ur
     assert_same_answer(json.loads(saved.read_text()), expected.to_json())
 
 
-def test_a_run_without_an_image_shows_one_line_and_the_page_keeps_working(browser, server_url, expected):
+def test_a_run_without_an_image_shows_one_line_and_the_page_keeps_working(browser, server_url):
     open_page(browser, server_url)
     status = run(browser, TEXT)
     assert status.startswith("Error: no image") and "\n" not in status
