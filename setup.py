@@ -38,7 +38,9 @@ setup(
         "hub": ["huggingface_hub>=0.20"],
         "test": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.6", "ray[data]>=2.60",
                  "gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.24",
-                 "huggingface_hub>=0.20"],
+                 "huggingface_hub>=0.20",
+                 # tests/test_app_browser.py drives the distribution's chromium (.ci/run installs it); tested with 4.20.0 and 4.51.0
+                 "selenium>=4.20"],
     },
     entry_points={"console_scripts": ["deris-rerank=deris_rerank.cli:main"]},
 )

@@ -8,8 +8,6 @@ without a browser.
 import base64
 import json
 import re
-import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,19 +17,18 @@ import pytest
 try:
     import gradio  # noqa: F401
     import fastapi  # noqa: F401
-    import uvicorn
+    import uvicorn  # noqa: F401
     from fastapi.testclient import TestClient
 except ImportError as exc:  # the [app] extra is not installed
     pytest.skip(f"the app's tests need the [app] extra (gradio, fastapi, uvicorn, httpx): {exc}", allow_module_level=True)
 
+from app_helpers import EXAMPLE, REPO, assert_same_answer, live_server
 from deris_rerank.app.server import create_server
 from deris_rerank.app.service import Limits, SegmentService
 from deris_rerank.app.ui import AppCallbacks, describe_decision
 from deris_rerank.pipeline import DEFAULT_MODEL, Pipeline
 from deris_rerank.rle import decode_mask
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "demo" / "assets" / "shapes.png"
 TEXTS = ["the biggest cross", "the blue circle", "the green square"]  # the gate keeps, switches (p_fail 0.90), keeps
 MAX_UPLOAD = 64 * 1024  # the example is a few kB
 MAX_TEXTS = 4
@@ -64,20 +61,6 @@ def expected(pipe):
     together = [r.to_json() for r in pipe(encoded, TEXTS)]
     alone = {text: pipe(encoded, [text])[0].to_json() for text in TEXTS}
     return {"together": together, "alone": alone}
-
-
-def assert_same_answer(got: dict, want: dict) -> None:
-    """Equal results: masks, ranks and decisions exactly; scores to float32 rounding."""
-    assert set(got) == set(want)
-    for key, value in want.items():
-        if key == "timings_ms":
-            continue
-        if isinstance(value, list) and value and isinstance(value[0], float):
-            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-        elif isinstance(value, float):
-            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
-        else:
-            assert got[key] == value, key
 
 
 def multipart(texts, image=None, name="shapes.png", **fields):
@@ -188,28 +171,13 @@ def test_a_request_that_cannot_get_the_model_in_time_gets_429(pipe, expected):
 
 
 @pytest.fixture(scope="module")
-def live_server(service, tmp_path_factory):
-    """The whole server (API + page) under uvicorn on 127.0.0.1, in a thread; yields its base URL."""
-    server = uvicorn.Server(uvicorn.Config(
-        create_server(service, callbacks=AppCallbacks(service, tmp_path_factory.mktemp("live-out"))),
-        log_level="warning"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    started = threading.Event()
-    for _ in range(600):  # up to a minute for startup (a bound, not a speed test)
-        if server.started or not thread.is_alive():
-            break
-        started.wait(0.1)
-    assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(60)
-    sock.close()
+def server_url(service, tmp_path_factory):
+    """The whole server (API + page) under uvicorn on 127.0.0.1; yields its base URL."""
+    with live_server(create_server(service, callbacks=AppCallbacks(service, tmp_path_factory.mktemp("live-out")))) as url:
+        yield url
 
 
-def test_concurrent_clients_all_get_the_python_api_answer(live_server, expected, service):
+def test_concurrent_clients_all_get_the_python_api_answer(server_url, expected, service):
     import requests
 
     clients, per_client = 16, 4  # the issue's bounded load: 64 requests
@@ -221,10 +189,10 @@ def test_concurrent_clients_all_get_the_python_api_answer(live_server, expected,
             for k in range(per_client):
                 text = TEXTS[(number + k) % len(TEXTS)]
                 if (number + k) % 2:
-                    response = session.post(f"{live_server}/api/segment", json=as_json([text]), timeout=300)
+                    response = session.post(f"{server_url}/api/segment", json=as_json([text]), timeout=300)
                 else:
                     request = multipart([text])
-                    response = session.post(f"{live_server}/api/segment", files=request["files"], data=request["data"], timeout=300)
+                    response = session.post(f"{server_url}/api/segment", files=request["files"], data=request["data"], timeout=300)
                 answers.append((text, response.status_code, response.json()))
         return answers
 
@@ -234,10 +202,10 @@ def test_concurrent_clients_all_get_the_python_api_answer(live_server, expected,
     for text, status, body in answers:
         assert status == 200, body
         assert_same_answer(body["results"][0], expected["alone"][text])
-    health = requests.get(f"{live_server}/api/health", timeout=60).json()
+    health = requests.get(f"{server_url}/api/health", timeout=60).json()
     assert health["status"] == "ok" and health["served"] == served + clients * per_client
     assert health["refused_busy"] == 0 and health["waiting"] == 0
-    page = requests.get(f"{live_server}/", timeout=60)
+    page = requests.get(f"{server_url}/", timeout=60)
     assert page.status_code == 200 and "gradio" in page.text.lower()
 
 

@@ -148,24 +148,27 @@ def build_ui(service: SegmentService, callbacks: Optional[AppCallbacks] = None) 
             gr.Markdown(EMBEDDED_DEFAULT_NOTE)
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", image_mode=None, format="png", label="image", sources=["upload", "clipboard"])
-                expressions = gr.Textbox(label="expressions (one per line)", lines=3, placeholder=EXAMPLE_TEXT)
+                image = gr.Image(type="filepath", image_mode=None, format="png", label="image", sources=["upload", "clipboard"],
+                                 elem_id="image")
+                expressions = gr.Textbox(label="expressions (one per line)", lines=3, placeholder=EXAMPLE_TEXT,
+                                         elem_id="expressions")
                 with gr.Row():
                     gate_on = gr.Checkbox(value=service.has_gate, label="re-rank with the gate",
                                           interactive=service.has_gate)
                     tau = gr.Slider(0.0, 1.0, value=service.default_tau if service.has_gate else 0.5, step=0.01,
                                     label="tau (switch only if p_fail > tau)", interactive=service.has_gate)
-                run = gr.Button("Run", variant="primary")
+                run = gr.Button("Run", variant="primary", elem_id="run")
                 if EXAMPLE_IMAGE.is_file():
                     gr.Examples([[str(EXAMPLE_IMAGE), EXAMPLE_TEXT]], inputs=[image, expressions])
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
-                overlays = gr.Gallery(label="chosen mask per expression", columns=2, format="png")
+                overlays = gr.Gallery(label="chosen mask per expression", columns=2, format="png", elem_id="overlays")
                 decisions = gr.Markdown(elem_id="decisions")
         with gr.Row():
             grids = gr.Gallery(label="candidates by DeRIS score (chosen framed in green)", columns=1, format="png")
             answers = gr.Gallery(label="DeRIS's own answer", columns=2, format="png")
-        files = gr.File(label="downloads: mask PNG and JSON (COCO RLE) per expression", file_count="multiple")
+        files = gr.File(label="downloads: mask PNG and JSON (COCO RLE) per expression", file_count="multiple",
+                        elem_id="downloads")
         run.click(callbacks.run, inputs=[image, expressions, gate_on, tau],
                   outputs=[status, overlays, grids, answers, decisions, files])
     return page
