@@ -111,7 +111,7 @@ def test_deform_sample_runs_in_float32_for_bfloat16_values():
 
 
 def test_deform_sample_stays_in_float32_under_autocast():
-    """Autocast would run the weighted sum (a batched product) in bfloat16: the sampling opts out."""
+    """Under autocast the sampling and its weighted sum stay float32: the same bits as without autocast."""
     value, shapes, locations, weights = random_sampling_problem(torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = ms_deform_attn_sample(value, shapes, locations, weights)

@@ -52,16 +52,14 @@ def ms_deform_attn_sample(
     weights = attention_weights.to(work)
 
     output = value.new_zeros((batch * heads, head_dim, num_queries), dtype=work)
-    with torch.autocast(value.device.type, enabled=False):  # autocast would run the product below in low precision
-        for level, (h, w) in enumerate(spatial_shapes):
-            level_value = levels[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
-            level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P, 2]
-            sampled = F.grid_sample(
-                level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False
-            )  # [N*M, D, Lq, P]
-            level_weights = weights[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P]
-            # the weighted sum over the P points as one batched product: no [N*M, D, Lq, P] temporary
-            output += torch.einsum("bdqp,bqp->bdq", sampled, level_weights)
+    for level, (h, w) in enumerate(spatial_shapes):
+        level_value = levels[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
+        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P, 2]
+        sampled = F.grid_sample(
+            level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # [N*M, D, Lq, P]
+        level_weights = weights[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P]
+        output += sampled.mul_(level_weights[:, None]).sum(-1)  # in place: no second [N*M, D, Lq, P] tensor
     output = output.view(batch, heads * head_dim, num_queries).transpose(1, 2)
     return output.to(value.dtype)
 
