@@ -194,6 +194,19 @@ def settings_from_args(args: argparse.Namespace, settings_class):
     return settings_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(settings_class)})
 
 
+def add_reranker_edit_command(commands, name: str, help: str, description: str, settings, **special) -> argparse.ArgumentParser:
+    """A command that reads a trained calibrated re-ranker (--gate) and a tuning cache (--tune) and
+    writes a changed copy (--out), with flags for the CalibratedSettings fields named in `settings`."""
+    parser = commands.add_parser(name, help=help, description=description + " Writes OUT.safetensors + OUT.json; "
+                                 "the input file is not changed.")
+    parser.add_argument("--gate", required=True, help="a calibrated re-ranker (.safetensors; a path or hf://...)")
+    parser.add_argument("--tune", nargs="+", required=True, help="tuning cache split folders (not the evaluation split)")
+    parser.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
+    add_settings_flags(parser, CalibratedSettings, skip=[f.name for f in dataclasses.fields(CalibratedSettings)
+                                                         if f.name not in settings], **special)
+    return parser
+
+
 def add_training_run_flags(parser: argparse.ArgumentParser) -> None:
     """--device and --quiet of the training commands; `training_log` reads --quiet."""
     _add_device_dtype(parser, dtype=False)
@@ -369,35 +382,63 @@ def _train_calibrated(args: argparse.Namespace, device) -> int:
     return 0
 
 
+def load_calibrated_for(path: str, purpose: str):
+    """(resolved path, CalibratedReranker) of a trained calibrated re-ranker; InputError for a Venice-H1 gate."""
+    from .errors import InputError
+    from .model_files import resolve_gate
+    from .venice.calibrated import CalibratedReranker
+    from .venice.gate_files import load_gate
+
+    gate_path = resolve_gate(path, None)
+    reranker = load_gate(gate_path)
+    if not isinstance(reranker, CalibratedReranker):
+        raise InputError(f"{path} is a Venice-H1 gate; {purpose} needs a calibrated re-ranker (train-gate --arch calibrated)")
+    return gate_path, reranker
+
+
+def save_beside_sidecar(reranker, gate_path: Path, out: str, extra: dict, summary: dict) -> int:
+    """Write `reranker` to OUT.safetensors + OUT.json, keeping its sidecar's records (training...)
+    updated by `extra`, and print the new rule and operating points with `summary` as JSON."""
+    from .fileio import read_json
+    from .venice.gate_files import save_calibrated
+
+    sidecar = read_json(gate_path.with_suffix(".json"), "gate settings")
+    kept = {k: v for k, v in sidecar.items() if k not in ("format", "format_version", "config", "rule", "operating_points", "retrieval")}
+    written = save_calibrated(reranker, out, extra={**kept, **extra})
+    shown = {key: reranker.settings()[key] for key in ("rule", "retrieval", "operating_points") if key in reranker.settings()}
+    print(json.dumps({"gate": str(written), **shown, **summary}))
+    return 0
+
+
 def cmd_add_memory(args: argparse.Namespace) -> int:
     """Give a trained calibrated re-ranker a retrieval memory; re-pick its weight and operating points on --tune."""
     from .errors import InputError
-    from .fileio import read_json
-    from .model_files import resolve_gate
-    from .venice.calibrated import CalibratedReranker
-    from .venice.gate_files import load_gate, save_calibrated
     from .workflow.gate_data import load_gate_data
     from .workflow.retrieval import choose_retrieval
 
     settings = CalibratedSettings(**{name: getattr(args, name) for name in (*RETRIEVAL_SETTINGS, *POINT_SETTINGS)})
     if settings.retrieval < 1:
         raise InputError(f"--retrieval (k, the neighbours read) must be at least 1, got {settings.retrieval}")
-    gate_path = resolve_gate(args.gate, None)
-    reranker = load_gate(gate_path)
-    if not isinstance(reranker, CalibratedReranker):
-        raise InputError(f"{args.gate} is a Venice-H1 gate; a retrieval memory needs a calibrated re-ranker (train-gate --arch calibrated)")
+    gate_path, reranker = load_calibrated_for(args.gate, "a retrieval memory")
     reranker.attach_memory(None)
     train = load_gate_data([Path(p) for p in args.train]) if args.train else None
     tune = load_gate_data([Path(p) for p in args.tune])
     memory, reranker.rule, reranker.operating_points, tuned = choose_retrieval(reranker, tune, settings, train=train)
     reranker.attach_memory(memory)
-    sidecar = read_json(gate_path.with_suffix(".json"), "gate settings")
-    kept = {k: v for k, v in sidecar.items() if k not in ("format", "format_version", "config", "rule", "operating_points", "retrieval")}
     built = {name: getattr(settings, name) for name in (*RETRIEVAL_SETTINGS, *POINT_SETTINGS)}
-    written = save_calibrated(reranker, args.out, extra={**kept, "memory_building": built, "tuning": tuned})
-    print(json.dumps({"gate": str(written), "rule": reranker.settings()["rule"], "retrieval": reranker.settings()["retrieval"],
-                      "operating_points": reranker.settings()["operating_points"], **tuned}))
-    return 0
+    return save_beside_sidecar(reranker, gate_path, args.out, {"memory_building": built, "tuning": tuned}, tuned)
+
+
+def cmd_retune(args: argparse.Namespace) -> int:
+    """Re-pick a calibrated re-ranker's operating points on --tune; its weights (and memory) stay as they are."""
+    from .workflow.gate_data import load_gate_data
+    from .workflow.train_calibrated import choose_operating_points
+
+    picked_with = {name: getattr(args, name) for name in POINT_SETTINGS if name != "seed"}  # the pick draws nothing at random
+    gate_path, reranker = load_calibrated_for(args.gate, "re-picking operating points")
+    tune = load_gate_data([Path(p) for p in args.tune])
+    reranker.rule, reranker.operating_points, tuned = choose_operating_points(reranker, tune, CalibratedSettings(**picked_with))
+    return save_beside_sidecar(reranker, gate_path, args.out, {"retuning": picked_with, "tuning": tuned}, tuned)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -599,23 +640,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_run_flags(train)
     train.set_defaults(run=cmd_train_gate)
 
-    add_memory = commands.add_parser(
-        "add-memory",
+    add_memory = add_reranker_edit_command(
+        commands, "add-memory",
         help="give a trained calibrated re-ranker a retrieval memory",
         description="Keys the candidates of --train (or, with --memory-source tune, of --tune) in the re-ranker's own "
         "space, keeps --memory-size of them (seeded) with their IoU gain over Query-0 (or IoU), and picks the ensemble "
         "weight (0 = no retrieval) and the operating points on --tune (out-of-fold halves when the memory holds tuning "
-        "pairs). Writes OUT.safetensors + OUT.json; the input file is not changed.",
+        "pairs).",
+        settings=(*RETRIEVAL_SETTINGS, *POINT_SETTINGS),
+        **{**_POINT_FLAGS, **_RETRIEVAL_FLAGS, "retrieval": dict(type=int, default=32, help="k, the neighbours read (default 32)")},
     )
-    add_memory.add_argument("--gate", required=True, help="a calibrated re-ranker (.safetensors; a path or hf://...)")
     add_memory.add_argument("--train", nargs="+", help="caches whose candidates fill the memory (--memory-source train)")
-    add_memory.add_argument("--tune", nargs="+", required=True, help="tuning cache split folders (not the evaluation split)")
-    add_memory.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
-    add_settings_flags(add_memory, CalibratedSettings,
-                       skip=[f.name for f in dataclasses.fields(CalibratedSettings)
-                             if f.name not in (*RETRIEVAL_SETTINGS, *POINT_SETTINGS)],
-                       **{**_POINT_FLAGS, **_RETRIEVAL_FLAGS, "retrieval": dict(type=int, default=32, help="k, the neighbours read (default 32)")})
     add_memory.set_defaults(run=cmd_add_memory)
+
+    retune = add_reranker_edit_command(
+        commands, "retune",
+        help="re-pick a calibrated re-ranker's operating points on a tuning cache",
+        description="Picks the 'tuned' and 'conservative' operating points (threshold and margin) of a trained "
+        "calibrated re-ranker on --tune with the rule train-gate uses (the most mIoU whose harmful-switch rate stays "
+        "within --max-harmful / --conservative-harmful at --harm-confidence). The weights and any retrieval memory "
+        "are kept.",
+        settings=[name for name in POINT_SETTINGS if name != "seed"], **_POINT_FLAGS,
+    )
+    retune.set_defaults(run=cmd_retune)
 
     evaluate = commands.add_parser(
         "evaluate",

@@ -258,6 +258,44 @@ def test_operating_points_are_reported_and_selectable(caches, tiny_model_dir, tm
     assert code == 2 and "no operating point 'bold'" in err and "Traceback" not in err
 
 
+def test_retune_repicks_the_points_train_gate_picked_and_keeps_the_weights(caches, tiny_model_dir, tmp_path, capsys):
+    from deris_rerank.venice.gate_files import save_calibrated
+
+    assert cli.main(["train-gate", "--arch", "calibrated", "--train", str(caches / "train"), "--tune", str(caches / "tune"),
+                     "--device", "cpu", "--quiet", *SMALL, "--out", str(tmp_path / "cal")]) == 0
+    trained = load_gate(tmp_path / "cal.safetensors")
+    picked, points = trained.rule, dict(trained.operating_points)
+    trained.rule = dataclasses.replace(picked, tau=0.123, margin_pred=7.0)  # points that train-gate would not pick
+    trained.operating_points = {name: trained.rule for name in points}
+    save_calibrated(trained, tmp_path / "moved", extra={"training": {"hidden_dim": 32}})
+    capsys.readouterr()
+    assert cli.main(["retune", "--gate", str(tmp_path / "moved.safetensors"), "--tune", str(caches / "tune"),
+                     "--out", str(tmp_path / "back")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    back = load_gate(tmp_path / "back.safetensors")
+    assert back.rule == picked and back.operating_points == points
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in back.state_dict().items())
+    sidecar = json.loads((tmp_path / "back.json").read_text())
+    assert sidecar["training"] == {"hidden_dim": 32} and sidecar["retuning"]["harm_confidence"] == 0.95
+    assert sidecar["tuning"] == {k: v for k, v in printed.items() if k not in ("gate", "rule", "retrieval", "operating_points")}
+    # no harmful switch allowed at 95 %: the points switch nowhere on the tuning split
+    assert cli.main(["retune", "--gate", str(tmp_path / "moved.safetensors"), "--tune", str(caches / "tune"),
+                     "--max-harmful", "0", "--conservative-harmful", "0", "--out", str(tmp_path / "none")]) == 0
+    strict = json.loads(capsys.readouterr().out)
+    assert strict["tuned_tune_switch"] == 0 and strict["conservative_tune_switch"] == 0
+    for flag, value in (("--max-harmful", "-1"), ("--conservative-harmful", "101"), ("--harm-confidence", "1")):
+        assert cli.main(["retune", "--gate", str(tmp_path / "moved.safetensors"), "--tune", str(caches / "tune"),
+                         flag, value, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and "Traceback" not in err and not (tmp_path / "bad.safetensors").exists()
+    # a Venice-H1 gate has no operating points to re-pick: one line, exit 2
+    capsys.readouterr()
+    assert cli.main(["retune", "--gate", str(tiny_model_dir / "gate.safetensors"), "--tune", str(caches / "tune"),
+                     "--out", str(tmp_path / "venice")]) == 2
+    err = capsys.readouterr().err
+    assert "Venice-H1 gate" in err and "calibrated" in err and "Traceback" not in err
+
+
 def test_text_aware_training_on_an_old_cache_fails_with_one_line(caches, tmp_path, capsys):
     from deris_rerank.venice.cache import write_shard
     from deris_rerank.workflow.train_gate import CACHE_TEXT_FIELDS

@@ -28,6 +28,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..settings import CalibratedSettings
 from ..venice.calibrated import CalibratedConfig, CalibratedReranker
 from ..venice.decision import DecisionRule, apply_rule
@@ -93,6 +94,7 @@ def train_calibrated(
     monitor: optional data (the tuning split) whose argmax-fused mIoU gain is logged each epoch
     (for watching only: nothing is chosen from it here).
     """
+    check_point_settings(settings)  # before training, not after it
     device = torch.device(device)
     torch.manual_seed(settings.seed)
     text = train.require_text()
@@ -163,6 +165,15 @@ def harmful_upper_bound(harmful_percent: float, pairs: int, confidence: float) -
     return 100 * (centre + spread) / (1 + z * z / n)
 
 
+def check_point_settings(settings: CalibratedSettings) -> None:
+    """InputError (one line) for harmful budgets outside 0..100 % or a confidence outside [0, 1)."""
+    for name, value in (("--max-harmful", settings.max_harmful), ("--conservative-harmful", settings.conservative_harmful)):
+        if not 0 <= value <= 100:
+            raise InputError(f"{name} is a harmful-switch rate in percent (0..100), got {value:g}")
+    if not 0 <= settings.harm_confidence < 1:
+        raise InputError(f"--harm-confidence must be in [0, 1) (0 = the measured rate itself), got {settings.harm_confidence:g}")
+
+
 def choose_operating_points(
     reranker: CalibratedReranker, tune: GateData, settings: CalibratedSettings
 ) -> Tuple[DecisionRule, Dict[str, DecisionRule], Dict[str, float]]:
@@ -176,6 +187,7 @@ def choose_points_from_outputs(
     """`choose_operating_points` on given re-ranker outputs over `tune`: (default_index [P],
     p_fail_logit [P], ranking values [P, N]), as `gate_outputs` gives them."""
     budgets = {"tuned": settings.max_harmful, "conservative": settings.conservative_harmful}
+    check_point_settings(settings)
     best: Dict[str, Tuple[float, DecisionRule, Tuple[float, float, float]]] = {}
     for margin in MARGIN_GRID:
         for tau in CALIBRATED_TAU_GRID:
