@@ -54,7 +54,7 @@ def create_api_router(service: SegmentService) -> APIRouter:
 
     @router.get("/api/health")
     def health() -> Dict[str, Any]:
-        """Liveness and what this server runs: model, re-ranker, limits, counters."""
+        """Liveness and what this server runs: model, re-ranker, limits, batching, counters."""
         pipe = service.pipeline
         return {
             "status": "ok",
@@ -68,7 +68,9 @@ def create_api_router(service: SegmentService) -> APIRouter:
                 "max_texts": service.limits.max_texts,
                 "max_text_chars": service.limits.max_text_chars,
                 "queue_timeout_s": service.limits.queue_timeout_s,
+                "max_waiting": service.limits.max_waiting,
             },
+            "batching": {"max_pairs": service.batching.max_pairs, "wait_ms": service.batching.wait_ms},
             **service.stats(),
         }
 
