@@ -170,6 +170,15 @@ def test_a_request_that_cannot_get_the_model_in_time_gets_429(pipe, expected):
     assert_same_answer(response.json()["results"][0], expected["alone"]["the biggest cross"])
 
 
+def test_a_running_calls_gate_settings_do_not_leak_into_other_requests(service):
+    own_tau = service.default_tau
+    with service._decision_settings(False, None):  # as while a gate-off request's model call runs
+        assert service.has_gate and service.default_tau == own_tau
+        assert service.check_request(EXAMPLE.read_bytes(), TEXTS, tau=0.5) == TEXTS
+    with service._decision_settings(True, 0.1):
+        assert service.default_tau == own_tau
+
+
 @pytest.fixture(scope="module")
 def server_url(service, tmp_path_factory):
     """The whole server (API + page) under uvicorn on 127.0.0.1; yields its base URL."""

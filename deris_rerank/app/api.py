@@ -60,7 +60,7 @@ def create_api_router(service: SegmentService) -> APIRouter:
             "status": "ok",
             "embedded_default": pipe.is_embedded_default,
             "deris": None if pipe.deris_path is None else pipe.deris_path.name,
-            "reranker": None if pipe.gate is None else type(pipe.gate).__name__,
+            "reranker": None if service.reranker is None else type(service.reranker).__name__,
             "tau": service.default_tau,
             "limits": {
                 "max_upload_bytes": service.limits.max_upload_bytes,

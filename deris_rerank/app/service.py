@@ -144,6 +144,9 @@ class SegmentService:
         if cache_size < 0:
             raise InputError(f"cache_size must be 0 or more, got {cache_size}")
         self.pipeline = pipeline
+        # the re-ranker and its own tau, kept: a request's decision settings change the pipeline's while its call runs
+        self.reranker = pipeline.gate
+        self._own_tau = None if pipeline.gate is None else float(pipeline.gate.rule.tau)
         self.limits = limits
         self.cache_size = cache_size
         self.batching = batching
@@ -164,12 +167,12 @@ class SegmentService:
     @property
     def has_gate(self) -> bool:
         """Whether the pipeline has a re-ranker (else gate settings do nothing)."""
-        return self.pipeline.gate is not None
+        return self.reranker is not None
 
     @property
     def default_tau(self) -> Optional[float]:
         """The re-ranker's own threshold (None without a re-ranker)."""
-        return None if self.pipeline.gate is None else float(self.pipeline.gate.rule.tau)
+        return self._own_tau
 
     def check_request(self, data: bytes, texts: Sequence[str], tau: Optional[float] = None) -> List[str]:
         """Raise InputError (TooLargeError) for a request outside the limits; returns the texts as a list."""
@@ -326,9 +329,8 @@ class SegmentService:
         return batch
 
     def _decision_key(self, request: _Request) -> Hashable:
-        """Equal for requests the gate decides alike: "off", or the tau in force; None without a
-        re-ranker (read with the model held, when no request's settings are applied)."""
-        if self.pipeline.gate is None:
+        """Equal for requests the gate decides alike: "off", or the tau in force; None without a re-ranker."""
+        if not self.has_gate:
             return None
         if not request.gate:
             return "off"
