@@ -268,13 +268,15 @@ def cmd_app(args: argparse.Namespace) -> int:
     """Serve the interactive app and the HTTP API (deris_rerank/app) until interrupted."""
     try:
         from .app.server import serve
-        from .app.service import Limits, SegmentService
+        from .app.service import Batching, Limits, SegmentService
     except ImportError as exc:
         raise DerisRerankError(f"the app needs gradio, fastapi and uvicorn ({exc.name or exc} is missing): "
                                "pip install \"deris-rerank[app]\"") from None
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                     max_texts=args.max_texts, queue_timeout_s=args.queue_timeout)
-    serve(SegmentService(_pipeline(args), limits, cache_size=args.cache_images), host=args.host, port=args.port)
+    batching = Batching(max_pairs=args.batch_pairs, wait_ms=args.batch_wait_ms)
+    serve(SegmentService(_pipeline(args), limits, cache_size=args.cache_images, batching=batching),
+          host=args.host, port=args.port)
     return 0
 
 
@@ -546,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     app = commands.add_parser(
         "app",
         help="serve the interactive app and the HTTP API (pip install \"deris-rerank[app]\")",
-        description="A Gradio page at / and POST /api/segment on one server; one model instance, requests take turns.",
+        description="A Gradio page at / and POST /api/segment on one server; one model instance, requests take turns "
+                    "(or share model calls: --batch-pairs).",
     )
     app.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1, this machine only; "
                      "0.0.0.0 opens it to the network)")
@@ -557,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--queue-timeout", type=float, default=60.0,
                      help="longest wait for the model, seconds; a request waiting longer gets 429 (default 60)")
     app.add_argument("--cache-images", type=int, default=4, help="images whose encoded features are kept (default 4)")
+    app.add_argument("--batch-pairs", type=int, default=1,
+                     help="most (image, expression) pairs one model call answers, from several requests; "
+                          "1 runs one request at a time (default 1; see README, Concurrency)")
+    app.add_argument("--batch-wait-ms", type=float, default=5.0,
+                     help="how long the oldest waiting request waits for others to join its model call, "
+                          "milliseconds; 0: only those already waiting (default 5; only with --batch-pairs above 1)")
     _add_pipeline_options(app)
     app.set_defaults(run=cmd_app)
 

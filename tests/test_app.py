@@ -2,12 +2,14 @@
 
 The API must answer exactly what the Python API answers for the same image and expressions,
 in both request forms, under concurrent load on a live server, and refuse bad requests with a
-4xx and a one-line {"error": ...} while it keeps serving. The page's Run callback is tested
-without a browser.
+4xx and a one-line {"error": ...} while it keeps serving. With batching across requests
+(--batch-pairs) the answers equal the Python API's to float32 rounding, each request keeps its
+own gate settings, and the queue limits hold. The page's Run callback is tested without a browser.
 """
 import base64
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,8 +26,9 @@ except ImportError as exc:  # the [app] extra is not installed
 
 from app_helpers import EXAMPLE, REPO, assert_same_answer, live_server
 from deris_rerank.app.server import create_server
-from deris_rerank.app.service import Limits, SegmentService
+from deris_rerank.app.service import Batching, BusyError, Limits, SegmentService
 from deris_rerank.app.ui import AppCallbacks, describe_decision
+from deris_rerank.errors import InputError
 from deris_rerank.pipeline import DEFAULT_MODEL, Pipeline
 from deris_rerank.rle import decode_mask
 
@@ -170,6 +173,15 @@ def test_a_request_that_cannot_get_the_model_in_time_gets_429(pipe, expected):
     assert_same_answer(response.json()["results"][0], expected["alone"]["the biggest cross"])
 
 
+def test_a_running_calls_gate_settings_do_not_leak_into_other_requests(service):
+    own_tau = service.default_tau
+    with service._decision_settings(False, None):  # as while a gate-off request's model call runs
+        assert service.has_gate and service.default_tau == own_tau
+        assert service.check_request(EXAMPLE.read_bytes(), TEXTS, tau=0.5) == TEXTS
+    with service._decision_settings(True, 0.1):
+        assert service.default_tau == own_tau
+
+
 @pytest.fixture(scope="module")
 def server_url(service, tmp_path_factory):
     """The whole server (API + page) under uvicorn on 127.0.0.1; yields its base URL."""
@@ -177,11 +189,10 @@ def server_url(service, tmp_path_factory):
         yield url
 
 
-def test_concurrent_clients_all_get_the_python_api_answer(server_url, expected, service):
+def post_from_clients(url: str, clients: int = 16, per_client: int = 4):
+    """The issue's bounded load: `clients` sessions at once, each sending `per_client` requests of one
+    expression (multipart and JSON in turn); returns (text, status, body) of every request."""
     import requests
-
-    clients, per_client = 16, 4  # the issue's bounded load: 64 requests
-    served = service.stats()["served"]
 
     def one_client(number):
         answers = []
@@ -189,24 +200,134 @@ def test_concurrent_clients_all_get_the_python_api_answer(server_url, expected, 
             for k in range(per_client):
                 text = TEXTS[(number + k) % len(TEXTS)]
                 if (number + k) % 2:
-                    response = session.post(f"{server_url}/api/segment", json=as_json([text]), timeout=300)
+                    response = session.post(f"{url}/api/segment", json=as_json([text]), timeout=300)
                 else:
                     request = multipart([text])
-                    response = session.post(f"{server_url}/api/segment", files=request["files"], data=request["data"], timeout=300)
+                    response = session.post(f"{url}/api/segment", files=request["files"], data=request["data"], timeout=300)
                 answers.append((text, response.status_code, response.json()))
         return answers
 
     with ThreadPoolExecutor(clients) as pool:
-        answers = [a for batch in pool.map(one_client, range(clients)) for a in batch]
-    assert len(answers) == clients * per_client
+        return [a for batch in pool.map(one_client, range(clients)) for a in batch]
+
+
+def test_concurrent_clients_all_get_the_python_api_answer(server_url, expected, service):
+    import requests
+
+    served = service.stats()["served"]
+    answers = post_from_clients(server_url)
+    assert len(answers) == 64
     for text, status, body in answers:
         assert status == 200, body
         assert_same_answer(body["results"][0], expected["alone"][text])
     health = requests.get(f"{server_url}/api/health", timeout=60).json()
-    assert health["status"] == "ok" and health["served"] == served + clients * per_client
+    assert health["status"] == "ok" and health["served"] == served + len(answers)
     assert health["refused_busy"] == 0 and health["waiting"] == 0
+    assert health["batching"]["max_pairs"] == 1 and health["largest_batch_requests"] == 1
     page = requests.get(f"{server_url}/", timeout=60)
     assert page.status_code == 200 and "gradio" in page.text.lower()
+
+
+def test_batched_server_gives_concurrent_clients_the_python_api_answer(pipe, expected):
+    import requests
+
+    service = SegmentService(pipe, Limits(queue_timeout_s=120), batching=Batching(max_pairs=8, wait_ms=5))
+    with live_server(create_server(service, ui=False)) as url:
+        answers = post_from_clients(url)
+        health = requests.get(f"{url}/api/health", timeout=60).json()
+    assert len(answers) == 64
+    for text, status, body in answers:
+        assert status == 200, body
+        assert_same_answer(body["results"][0], expected["alone"][text], abs_tol=1e-5)
+    assert health["batching"] == {"max_pairs": 8, "wait_ms": 5}
+    assert health["served"] == health["batched_pairs"] == 64 and health["refused_busy"] == health["waiting"] == 0
+    assert 1 < health["largest_batch_pairs"] <= 8 and health["batches"] < 64  # requests shared model calls
+
+
+def queue_while_model_held(service, calls):
+    """Run each `calls` item (keyword arguments of `service.segment`) in its own thread while the model
+    is held, release the model once each of them waits in the queue or was refused, and return their
+    outcomes in order (a list of Results, or the exception raised)."""
+    outcomes = [None] * len(calls)
+
+    def call(k):
+        try:
+            outcomes[k] = service.segment(EXAMPLE.read_bytes(), **calls[k])
+        except Exception as exc:
+            outcomes[k] = exc
+
+    service._model_lock.acquire()  # as a model call in progress would
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    waited = threading.Event()
+    for _ in range(6000):  # a bound on the wait (60 s), not a speed test
+        if service.stats()["waiting"] + sum(outcome is not None for outcome in outcomes) == len(calls):
+            break
+        waited.wait(0.01)
+    service._finish([])  # the call in progress ends: the queue runs
+    for thread in threads:
+        thread.join(120)
+    return outcomes
+
+
+def test_batched_requests_keep_their_own_gate_settings(pipe):
+    batched = SegmentService(pipe, Limits(queue_timeout_s=120), batching=Batching(max_pairs=4, wait_ms=0))
+    five = TEXTS + TEXTS[:2]  # above max_pairs: runs alone
+    calls = [dict(texts=TEXTS), dict(texts=TEXTS[1:2], tau=batched.default_tau),  # gate on, its own tau: one call
+             dict(texts=TEXTS, gate=False), dict(texts=TEXTS[:1], gate=False),  # gate off: one call
+             dict(texts=TEXTS, tau=1.0), dict(texts=TEXTS[1:2], tau=0.0), dict(texts=five)]  # one call each
+    outcomes = queue_while_model_held(batched, calls)
+    one_at_a_time = SegmentService(pipe)  # the Python API's answers (the tests above)
+    for call, outcome in zip(calls, outcomes):
+        assert isinstance(outcome, list), outcome
+        want = one_at_a_time.segment(EXAMPLE.read_bytes(), **call)
+        assert [r.text for r in outcome] == call["texts"]
+        for got, wanted in zip(outcome, want):
+            assert_same_answer(got.to_json(), wanted.to_json(), abs_tol=1e-5)
+    assert all(r.p_fail is None and not r.switched for r in outcomes[2] + outcomes[3])
+    assert not any(r.switched for r in outcomes[4]) and outcomes[5][0].switched and outcomes[0][1].switched
+    stats = batched.stats()
+    assert stats["batches"] == 5 and stats["largest_batch_requests"] == 2 and stats["largest_batch_pairs"] == 5
+    assert stats["batched_pairs"] == 17 and stats["encoded"] == 1 and stats["served"] == 7
+
+
+def test_batched_queue_limits_hold_and_a_refused_request_never_runs(pipe):
+    data = EXAMPLE.read_bytes()
+    impatient = SegmentService(pipe, Limits(queue_timeout_s=0.05), batching=Batching(max_pairs=8, wait_ms=5))
+    impatient._model_lock.acquire()
+    with pytest.raises(BusyError, match="retry later"):
+        impatient.segment(data, TEXTS[:1])
+    impatient._finish([])
+    assert impatient.stats()["refused_busy"] == 1 and impatient.stats()["waiting"] == 0
+    assert len(impatient.segment(data, TEXTS[1:])) == 2
+    stats = impatient.stats()
+    assert stats["batches"] == 1 and stats["batched_pairs"] == 2 and stats["served"] == 1  # the refused one did not run
+
+    crowded = SegmentService(pipe, Limits(max_waiting=1), batching=Batching(max_pairs=8, wait_ms=5))
+    outcomes = queue_while_model_held(crowded, [dict(texts=TEXTS[:1]), dict(texts=TEXTS[1:2])])
+    refused = [o for o in outcomes if isinstance(o, BusyError)]
+    assert len(refused) == 1 and "1 requests waiting" in str(refused[0]) and crowded.stats()["served"] == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(max_pairs=0), "max_pairs (--batch-pairs) must be a whole number from 1 to 256, got 0"),
+    (dict(max_pairs=257), "from 1 to 256, got 257"),
+    (dict(max_pairs=2.5), "whole number"),
+    (dict(wait_ms=-1), "wait_ms (--batch-wait-ms) must be from 0 to 1000 milliseconds, got -1"),
+    (dict(wait_ms=float("nan")), "got nan"),
+])
+def test_batching_settings_out_of_range_are_refused_in_one_line(settings, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        Batching(**settings)
+
+
+def test_the_app_command_refuses_bad_batching_before_loading_the_model(capsys):
+    from deris_rerank.cli import main
+
+    assert main(["app", "--batch-pairs", "0", "--deris", "no-such-model"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--batch-pairs" in error and "\n" not in error and "no-such-model" not in error
 
 
 def test_the_run_button_callback_shows_overlays_decisions_and_downloads(service, expected, tmp_path):

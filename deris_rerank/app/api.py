@@ -54,13 +54,13 @@ def create_api_router(service: SegmentService) -> APIRouter:
 
     @router.get("/api/health")
     def health() -> Dict[str, Any]:
-        """Liveness and what this server runs: model, re-ranker, limits, counters."""
+        """Liveness and what this server runs: model, re-ranker, limits, batching, counters."""
         pipe = service.pipeline
         return {
             "status": "ok",
             "embedded_default": pipe.is_embedded_default,
             "deris": None if pipe.deris_path is None else pipe.deris_path.name,
-            "reranker": None if pipe.gate is None else type(pipe.gate).__name__,
+            "reranker": None if service.reranker is None else type(service.reranker).__name__,
             "tau": service.default_tau,
             "limits": {
                 "max_upload_bytes": service.limits.max_upload_bytes,
@@ -68,7 +68,9 @@ def create_api_router(service: SegmentService) -> APIRouter:
                 "max_texts": service.limits.max_texts,
                 "max_text_chars": service.limits.max_text_chars,
                 "queue_timeout_s": service.limits.queue_timeout_s,
+                "max_waiting": service.limits.max_waiting,
             },
+            "batching": {"max_pairs": service.batching.max_pairs, "wait_ms": service.batching.wait_ms},
             **service.stats(),
         }
 
