@@ -17,7 +17,8 @@ from .deris.config import PRESETS, DerisConfig
 from .deris.model import DerisModel
 from .errors import CheckpointError, OutputError
 from .fileio import atomic_write, check_format, file_sha256, read_json, read_safetensors, read_torch_file, state_dict_mismatch
-from .model_files import is_hub_path, resolve_deris
+from .hub import is_hub_path
+from .model_files import resolve_deris
 
 
 # --- DeRIS ------------------------------------------------------------------------------

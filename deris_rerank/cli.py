@@ -482,7 +482,7 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
     from .data.refshapes import RefShapes, corpus
     from .devices import resolve_device
     from .deris.config import DerisConfig
-    from .model_files import local_path
+    from .hub import local_path
     from .training.tokenizer import train_word_tokenizer
     from .training.train_deris import train_deris
 

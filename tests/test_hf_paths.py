@@ -18,7 +18,8 @@ import pytest
 
 from deris_rerank import cli
 from deris_rerank.errors import CheckpointError, EmbeddedDefaultWarning
-from deris_rerank.model_files import DEFAULT_MODEL, hub_local_path, parse_hub_path, resolve_deris, resolve_gate
+from deris_rerank.hub import hub_local_path, parse_hub_path
+from deris_rerank.model_files import DEFAULT_MODEL, resolve_deris, resolve_gate
 
 hf = pytest.importorskip("huggingface_hub")
 hf_settings = pytest.importorskip("huggingface_hub.constants")

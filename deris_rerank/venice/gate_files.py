@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from ..errors import CheckpointError, InputError, OutputError
 from ..fileio import atomic_write, check_format, read_json, read_safetensors, read_torch_file, state_dict_mismatch
-from ..model_files import is_hub_path, resolve_gate
+from ..hub import is_hub_path
+from ..model_files import resolve_gate
 from .calibrated import CalibratedConfig, CalibratedReranker
 from .decision import DecisionRule, check_tau, named_rule
 from .retrieval import RetrievalConfig, RetrievalMemory, storage_state
