@@ -15,6 +15,7 @@ from safetensors.torch import save_file as save_safetensors
 
 from .deris.config import PRESETS, DerisConfig
 from .deris.model import DerisModel
+from .devices import autocast_weight_names
 from .errors import CheckpointError, OutputError
 from .fileio import atomic_write, check_format, file_sha256, read_json, read_safetensors, read_torch_file, state_dict_mismatch
 from .hub import is_hub_path
@@ -142,7 +143,8 @@ def _derived_buffers(model: torch.nn.Module) -> Dict[str, Tuple[torch.nn.Module,
     return found
 
 
-def load_deris(source: Any, config: Any = None, device: Any = None, dtype: Optional[torch.dtype] = None):
+def load_deris(source: Any, config: Any = None, device: Any = None, dtype: Optional[torch.dtype] = None,
+               autocast_dtype: Optional[torch.dtype] = None):
     """Build a DerisModel and load weights into it, strictly; returns it in eval mode.
 
     source: an official `.pth`/`.pt` (`{"state_dict": ...}` or bare, optionally `module.`-prefixed;
@@ -152,7 +154,9 @@ def load_deris(source: Any, config: Any = None, device: Any = None, dtype: Optio
     the shapes of an upstream state dict when None. Unused-at-inference keys are dropped; buffers
     that are functions of the config (Swin `relative_position_index`) are checked, not loaded.
     The model is built on the meta device and takes the checkpoint's tensors, so loading needs
-    about one copy of the weights in memory.
+    about one copy of the weights in memory. autocast_dtype (bfloat16 / float16): the linear and
+    convolution weights are stored in it, converted one by one as they are adopted (the model is
+    then to run under that autocast: `devices.store_for_autocast` says why); float32/None: as read.
     """
     state, config, origin = _read_deris_source(source, config)
     with torch.device("meta"):
@@ -166,6 +170,11 @@ def load_deris(source: Any, config: Any = None, device: Any = None, dtype: Optio
         stored = state.get(name)
         if stored is not None and stored.device.type != "meta" and not torch.equal(stored.cpu(), value.cpu()):
             raise CheckpointError(f"{origin}: {name} differs from the one its window size implies; wrong config?")
+    if autocast_dtype not in (None, torch.float32, torch.float64):
+        low_precision = set(autocast_weight_names(model))
+        for name in loadable:  # one at a time; copies of the rest too, so nothing keeps the float32 file mapped
+            converted = loadable[name].to(autocast_dtype) if name in low_precision else loadable[name].clone()
+            state[name] = loadable[name] = converted
     model.load_state_dict(loadable, strict=True, assign=True)
     for module, attribute, value in derived.values():
         module.register_buffer(attribute, value, persistent=False)

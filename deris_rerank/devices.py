@@ -6,7 +6,7 @@ sampling and mask upsampling in float32 under autocast, and the signatures and g
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import ContextManager, Optional, Union
+from typing import ContextManager, List, Optional, Union
 
 import torch
 from torch import nn
@@ -69,3 +69,12 @@ def store_for_autocast(model: nn.Module, autocast_dtype: Optional[torch.dtype]) 
         if isinstance(module, AUTOCAST_MATMUL_LAYERS):
             module.to(autocast_dtype)
     return model
+
+
+def autocast_weight_names(model: nn.Module) -> List[str]:
+    """Full names of the parameters `store_for_autocast` stores in low precision (for a loader that
+    converts them one by one as it reads them, so that a float32 and a low-precision copy of the
+    whole model never coexist)."""
+    return [f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if isinstance(module, AUTOCAST_MATMUL_LAYERS)
+            for name, _ in module.named_parameters(recurse=False)]

@@ -29,7 +29,7 @@ from .venice.decision import check_tau, named_rule
 from .venice.gate import VeniceGate
 from .venice.gate_files import load_gate
 from .images import load_image
-from .devices import precision, resolve_device, resolve_dtype, store_for_autocast
+from .devices import precision, resolve_device, resolve_dtype
 from .model_files import DEFAULT_MODEL, default_model, resolve_deris, resolve_gate, resolve_tokenizer
 from .tokenizer import Beit3Tokenizer, TextNotes, shorten_text
 from .transforms import prepare_images, resize_mask_nearest
@@ -183,7 +183,7 @@ class Pipeline:
             self.model = deris.to(self.device).eval()
         else:
             self.deris_path = resolve_deris(default_model() if deris is None else deris)
-            self.model = store_for_autocast(load_deris(self.deris_path, device=self.device), self.autocast_dtype)
+            self.model = load_deris(self.deris_path, device=self.device, autocast_dtype=self.autocast_dtype)
         self.config = self.model.config
         if isinstance(tokenizer, Beit3Tokenizer):
             self.tokenizer_path, self.tokenizer = tokenizer.path, tokenizer
