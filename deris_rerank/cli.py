@@ -20,6 +20,7 @@ from .settings import (
     FUSIONS,
     MEMORY_DTYPES,
     MEMORY_SOURCES,
+    POINT_RULE_SETTINGS,
     POINT_SETTINGS,
     RETRIEVAL_KEY_SPACES,
     RETRIEVAL_SETTINGS,
@@ -436,7 +437,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
     from .workflow.gate_data import load_gate_data
     from .workflow.train_calibrated import choose_operating_points
 
-    picked_with = {name: getattr(args, name) for name in POINT_SETTINGS if name != "seed"}  # the pick draws nothing at random
+    picked_with = {name: getattr(args, name) for name in POINT_RULE_SETTINGS}
     gate_path, reranker = load_calibrated_for(args.gate, "re-picking operating points")
     tune = load_gate_data([Path(p) for p in args.tune])
     reranker.rule, reranker.operating_points, tuned = choose_operating_points(reranker, tune, CalibratedSettings(**picked_with))
@@ -669,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrated re-ranker on --tune with the rule train-gate uses (the most mIoU whose harmful-switch rate stays "
         "within --max-harmful / --conservative-harmful at --harm-confidence). The weights and any retrieval memory "
         "are kept.",
-        settings=[name for name in POINT_SETTINGS if name != "seed"], **_POINT_FLAGS,
+        settings=POINT_RULE_SETTINGS, **_POINT_FLAGS,
     )
     retune.set_defaults(run=cmd_retune)
 

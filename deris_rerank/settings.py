@@ -3,7 +3,7 @@ flags from them without importing training code, and the trainers import them fr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, Tuple
 
 GRID_SIZES: Tuple[int, ...] = (4, 8, 16)  # the grid-signature scales (side lengths)
@@ -12,45 +12,41 @@ FUSIONS = ("learned", "none")
 
 
 @dataclass
-class TrainSettings:
-    """Every knob of the recipe (defaults: the Venice-H1 card)."""
+class GateTrainingSettings:
+    """The knobs both re-ranker recipes have, with the same flags and defaults (the Venice-H1 card's)."""
 
     lr: float = 5e-4
     weight_decay: float = 1e-4
     batch_size: int = 512
     epochs: int = 20
     warmup_epochs: int = 3
-    focal_gamma: float = 2.0
-    gain_weight: float = 5.0
-    smooth_l1_beta: float = 0.1
     seed: int = 42
-    amp: bool = True
     hidden_dim: int = 512
     n_layers: int = 3
     n_heads: int = 8
     dropout: float = 0.1
+
+
+@dataclass
+class TrainSettings(GateTrainingSettings):
+    """Every knob of the Venice-H1 recipe (defaults: the Venice-H1 card)."""
+
+    focal_gamma: float = 2.0
+    gain_weight: float = 5.0
+    smooth_l1_beta: float = 0.1
+    amp: bool = True
     features: str = "full"
     tune_temp: bool = False
     tune_margin: bool = False
 
 
 @dataclass
-class CalibratedSettings:
-    """Every knob of the calibrated recipe. The first ten share their flags with the Venice-H1 recipe.
+class CalibratedSettings(GateTrainingSettings):
+    """Every knob of the calibrated recipe, beyond those it shares with the Venice-H1 recipe.
 
     retrieval: k of the retrieval memory (0 = no memory, the default); the other retrieval_* and
     memory_* fields (RETRIEVAL_SETTINGS) say how it is built (see `workflow.retrieval`)."""
 
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    batch_size: int = 512
-    epochs: int = 20
-    warmup_epochs: int = 3
-    seed: int = 42
-    hidden_dim: int = 512
-    n_layers: int = 3
-    n_heads: int = 8
-    dropout: float = 0.1
     target_temperature: float = 0.05
     aux_weight: float = 0.5
     failure_weight: float = 1.0
@@ -70,15 +66,16 @@ class CalibratedSettings:
     memory_dtype: str = "float16"
 
 
-# how operating points are picked on the tuning split (also used by add-memory)
-POINT_SETTINGS = ("seed", "max_harmful", "conservative_harmful", "harm_confidence")
+# how operating points are picked on the tuning split (retune); add-memory also draws its memory with the seed
+POINT_RULE_SETTINGS = ("max_harmful", "conservative_harmful", "harm_confidence")
+POINT_SETTINGS = ("seed", *POINT_RULE_SETTINGS)
 RETRIEVAL_SETTINGS = ("retrieval", "memory_size", "memory_source", "retrieval_keys", "retrieval_values",
                       "retrieval_temperature", "memory_dtype")
 MEMORY_SOURCES = ("train", "tune")
 RETRIEVAL_KEY_SPACES = ("cand", "cand_text")
 RETRIEVAL_VALUE_KINDS = ("gain", "iou")
 MEMORY_DTYPES = ("float16", "float32")
-SHARED_SETTINGS = ("lr", "weight_decay", "batch_size", "epochs", "warmup_epochs", "seed", "hidden_dim", "n_layers", "n_heads", "dropout")
+SHARED_SETTINGS = tuple(f.name for f in fields(GateTrainingSettings))
 
 
 @dataclass
