@@ -15,7 +15,7 @@ from safetensors.torch import save_file as save_safetensors
 
 from .deris.config import PRESETS, DerisConfig
 from .deris.model import DerisModel
-from .devices import autocast_weight_names
+from .devices import autocast_weight_names, is_low_precision
 from .errors import CheckpointError, OutputError
 from .fileio import atomic_write, check_format, file_sha256, read_json, read_safetensors, read_torch_file, state_dict_mismatch
 from .hub import is_hub_path
@@ -170,7 +170,7 @@ def load_deris(source: Any, config: Any = None, device: Any = None, dtype: Optio
         stored = state.get(name)
         if stored is not None and stored.device.type != "meta" and not torch.equal(stored.cpu(), value.cpu()):
             raise CheckpointError(f"{origin}: {name} differs from the one its window size implies; wrong config?")
-    if autocast_dtype not in (None, torch.float32, torch.float64):
+    if is_low_precision(autocast_dtype):
         low_precision = set(autocast_weight_names(model))
         for name in loadable:  # one at a time; copies of the rest too, so nothing keeps the float32 file mapped
             converted = loadable[name].to(autocast_dtype) if name in low_precision else loadable[name].clone()

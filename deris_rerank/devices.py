@@ -46,6 +46,11 @@ def precision(device: torch.device, autocast_dtype: Optional[torch.dtype]) -> Co
     return torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
 
 
+def is_low_precision(dtype: Optional[torch.dtype]) -> bool:
+    """Whether `dtype` is one autocast lowers matmuls to (bfloat16, float16); None/float32/float64 are not."""
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 # The layers whose weights autocast casts to its low-precision dtype on every call (CPU and CUDA
 # autocast both run linear and convolution in the low-precision dtype).
 AUTOCAST_MATMUL_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -63,7 +68,7 @@ def store_for_autocast(model: nn.Module, autocast_dtype: Optional[torch.dtype]) 
     autocast: a float32 call into these layers fails with a dtype error instead of silently
     computing in low precision.
     """
-    if autocast_dtype is None or autocast_dtype in (torch.float32, torch.float64):
+    if not is_low_precision(autocast_dtype):
         return model
     for module in model.modules():
         if isinstance(module, AUTOCAST_MATMUL_LAYERS):
