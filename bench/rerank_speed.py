@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from deris_rerank.venice.gate_files import load_gate
+from deris_rerank.rerank.files import load_gate
 from deris_rerank.workflow.train_gate import load_gate_data
 
 

@@ -1,6 +1,6 @@
 """deris-rerank: DeRIS referring segmentation in plain PyTorch, re-ranked by Venice-H1 or the calibrated re-ranker.
 
-The public names below are imported on first use (PEP 562), so `import deris_rerank.venice.gate_files` or
+The public names below are imported on first use (PEP 562), so `import deris_rerank.rerank.files` or
 `deris-rerank --version` loads only what it needs (loading a gate never builds the DeRIS model).
 """
 from __future__ import annotations
@@ -19,19 +19,19 @@ _LAZY = {
     "DerisConfig": ".deris.config",
     "DerisModel": ".deris.model",
     "DerisOutput": ".deris.model",
-    "DecisionRule": ".venice.decision",
-    "GateDecision": ".venice.decision",
-    "GateConfig": ".venice.gate",
-    "VeniceGate": ".venice.gate",
-    "CalibratedReranker": ".venice.calibrated",
-    "load_gate": ".venice.gate_files",
-    "save_gate": ".venice.gate_files",
-    "save_calibrated": ".venice.gate_files",
+    "DecisionRule": ".rerank.decision",
+    "GateDecision": ".rerank.decision",
+    "GateConfig": ".rerank.venice",
+    "VeniceGate": ".rerank.venice",
+    "CalibratedReranker": ".rerank.calibrated",
+    "load_gate": ".rerank.files",
+    "save_gate": ".rerank.files",
+    "save_calibrated": ".rerank.files",
     "EncodedImage": ".pipeline",
     "Pipeline": ".pipeline",
     "Result": ".result",
-    "grid_signatures": ".venice.signatures",
-    "mask_statistics": ".venice.signatures",
+    "grid_signatures": ".rerank.signatures",
+    "mask_statistics": ".rerank.signatures",
     "Beit3Tokenizer": ".tokenizer",
 }
 

@@ -14,8 +14,8 @@ from torch import Tensor
 from .deris.answer import working_precision
 from .deris.model import DerisOutput
 from .errors import InputError
-from .venice.signatures import grid_signatures, mask_statistics
-from .venice.text_context import TEXT_FIELDS, TextContext
+from .rerank.signatures import grid_signatures, mask_statistics
+from .rerank.text_context import TEXT_FIELDS, TextContext
 
 QUERY_SOURCES = ("perception", "cognition")
 

@@ -346,9 +346,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train_gate(args: argparse.Namespace) -> int:
     """Train a Venice-H1 gate (or, with --arch calibrated, the calibrated re-ranker) on caches;
     pick its decision settings on the tuning caches."""
-    from .venice.gate_files import save_gate
+    from .rerank.files import save_gate
     from .devices import resolve_device
-    from .workflow.gate_data import load_gate_data
+    from .rerank.gate_data import load_gate_data
     from .workflow.train_gate import choose_rule, train_gate
 
     device = resolve_device(args.device)
@@ -363,9 +363,9 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
 
 
 def _train_calibrated(args: argparse.Namespace, device) -> int:
-    from .venice.gate_files import save_calibrated
+    from .rerank.files import save_calibrated
     from .workflow.train_calibrated import choose_operating_points, settings_record, train_calibrated
-    from .workflow.gate_data import load_gate_data
+    from .rerank.gate_data import load_gate_data
 
     settings = settings_from_args(args, CalibratedSettings)
     train = load_gate_data([Path(p) for p in args.train])
@@ -389,8 +389,8 @@ def load_calibrated_for(path: str, purpose: str):
     """(resolved path, CalibratedReranker) of a trained calibrated re-ranker; InputError for a Venice-H1 gate."""
     from .errors import InputError
     from .model_files import resolve_gate
-    from .venice.calibrated import CalibratedReranker
-    from .venice.gate_files import load_gate
+    from .rerank.calibrated import CalibratedReranker
+    from .rerank.files import load_gate
 
     gate_path = resolve_gate(path, None)
     reranker = load_gate(gate_path)
@@ -403,7 +403,7 @@ def save_beside_sidecar(reranker, gate_path: Path, out: str, extra: dict, summar
     """Write `reranker` to OUT.safetensors + OUT.json, keeping its sidecar's records (training...)
     updated by `extra`, and print the new rule and operating points with `summary` as JSON."""
     from .fileio import read_json
-    from .venice.gate_files import save_calibrated
+    from .rerank.files import save_calibrated
 
     sidecar = read_json(gate_path.with_suffix(".json"), "gate settings")
     kept = {k: v for k, v in sidecar.items() if k not in ("format", "format_version", "config", "rule", "operating_points", "retrieval")}
@@ -416,7 +416,7 @@ def save_beside_sidecar(reranker, gate_path: Path, out: str, extra: dict, summar
 def cmd_add_memory(args: argparse.Namespace) -> int:
     """Give a trained calibrated re-ranker a retrieval memory; re-pick its weight and operating points on --tune."""
     from .errors import InputError
-    from .workflow.gate_data import load_gate_data
+    from .rerank.gate_data import load_gate_data
     from .workflow.retrieval import choose_retrieval
 
     settings = CalibratedSettings(**{name: getattr(args, name) for name in (*RETRIEVAL_SETTINGS, *POINT_SETTINGS)})
@@ -434,7 +434,7 @@ def cmd_add_memory(args: argparse.Namespace) -> int:
 
 def cmd_retune(args: argparse.Namespace) -> int:
     """Re-pick a calibrated re-ranker's operating points on --tune; its weights (and memory) stay as they are."""
-    from .workflow.gate_data import load_gate_data
+    from .rerank.gate_data import load_gate_data
     from .workflow.train_calibrated import choose_operating_points
 
     picked_with = {name: getattr(args, name) for name in POINT_RULE_SETTINGS}
@@ -446,7 +446,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Metrics of DeRIS alone, with the gate, and the oracle, per split and overall."""
-    from .venice.gate_files import load_gate
+    from .rerank.files import load_gate
     from .workflow.evaluate import evaluate_caches, markdown
 
     gates = {Path(path).stem: load_gate(path, tau=args.tau, operating_point=args.operating_point) for path in args.gate or []}
@@ -455,7 +455,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(gates) > 1:
         from .fileio import atomic_write
         from .workflow.ablation import ablation_markdown, ablation_rows
-        from .workflow.gate_data import load_gate_data
+        from .rerank.gate_data import load_gate_data
 
         table = ablation_markdown(ablation_rows(load_gate_data([Path(p) for p in args.cache]), gates))
         atomic_write(Path(args.out) / "ablation.md", lambda tmp: Path(tmp).write_text("# Ablation\n\n" + table))

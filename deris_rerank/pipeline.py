@@ -24,10 +24,10 @@ from .checkpoints import load_deris
 from .deris.loopback import BATCH_SEMANTICS
 from .deris.model import DerisModel, DerisOutput, ImageFeatures
 from .errors import DerisRerankError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
-from .venice.calibrated import CalibratedReranker
-from .venice.decision import check_tau, named_rule
-from .venice.gate import VeniceGate
-from .venice.gate_files import load_gate
+from .rerank.calibrated import CalibratedReranker
+from .rerank.decision import check_tau, named_rule
+from .rerank.venice import VeniceGate
+from .rerank.files import load_gate
 from .images import load_image
 from .devices import precision, resolve_device, resolve_dtype
 from .model_files import DEFAULT_MODEL, default_model, resolve_deris, resolve_gate, resolve_tokenizer

@@ -212,9 +212,9 @@ def tiny_model_dir(tmp_path_factory):
     with seeded random weights (float32) in our folder format with a toy `beit3.spm` inside, and a
     small random released-style gate for it (`gate.safetensors` + `gate.json`, query dim 64)."""
     from deris_rerank.checkpoints import save_deris
-    from deris_rerank.venice.decision import DecisionRule
-    from deris_rerank.venice.gate import RELEASED, GateConfig, ReleasedGate
-    from deris_rerank.venice.gate_files import save_gate
+    from deris_rerank.rerank.decision import DecisionRule
+    from deris_rerank.rerank.venice import RELEASED, GateConfig, ReleasedGate
+    from deris_rerank.rerank.files import save_gate
 
     root = tmp_path_factory.mktemp("tiny_model")
     save_deris(build_tiny_model(), root / "deris")

@@ -75,7 +75,7 @@ def test_loading_a_gate_does_not_import_the_deris_model(tiny_model_dir):
 
     code = (
         "import sys\n"
-        "from deris_rerank.venice.gate_files import load_gate\n"
+        "from deris_rerank.rerank.files import load_gate\n"
         f"load_gate({str(tiny_model_dir / 'gate.safetensors')!r})\n"
         "print(sorted(m for m in sys.modules if m.startswith(('deris_rerank.deris', 'deris_rerank.checkpoints', "
         "'deris_rerank.pipeline', 'deris_rerank.training', 'deris_rerank.workflow', 'cv2', 'sentencepiece'))))\n"
@@ -111,27 +111,9 @@ def test_evaluating_imports_no_trainer():
         assert not any(m.startswith(("deris_rerank.workflow.train_", "deris_rerank.training")) for m in imported), name
 
 
-@pytest.mark.parametrize("path", package_files("venice"), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", package_files("rerank"), ids=lambda p: p.name)
 def test_the_reranking_package_reads_no_model_images_text_or_workflow_code(path):
     forbidden = ("deris_rerank.deris", "deris_rerank.checkpoints", "deris_rerank.pipeline", "deris_rerank.training",
                  "deris_rerank.workflow", "deris_rerank.cli", "deris_rerank.images", "deris_rerank.tokenizer", "cv2", "PIL", "sentencepiece")
     imported = imported_modules(path)
     assert not any(name.startswith(forbidden) for name in imported), f"{path.name} imports {sorted(imported)}"
-
-
-def test_old_import_paths_give_the_same_objects():
-    import importlib
-
-    moved = {
-        "deris_rerank.gate": "deris_rerank.venice.gate_files", "deris_rerank.calibrated": "deris_rerank.venice.calibrated",
-        "deris_rerank.signatures": "deris_rerank.venice.signatures", "deris_rerank.text_context": "deris_rerank.venice.text_context",
-        "deris_rerank.workflow.cache": "deris_rerank.venice.cache", "deris_rerank.workflow.gate_data": "deris_rerank.venice.gate_data",
-    }
-    for old_name, new_name in moved.items():
-        old, new = importlib.import_module(old_name), importlib.import_module(new_name)
-        assert old.__all__ and all(hasattr(old, name) for name in old.__all__), old_name
-        shared = [name for name in old.__all__ if hasattr(new, name)]
-        assert shared and all(getattr(old, name) is getattr(new, name) for name in shared), old_name
-    gate = importlib.import_module("deris_rerank.gate")
-    assert gate.apply_rule is importlib.import_module("deris_rerank.venice.decision").apply_rule
-    assert gate.ReleasedGate is importlib.import_module("deris_rerank.venice.gate").ReleasedGate

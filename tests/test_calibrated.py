@@ -4,12 +4,12 @@ import dataclasses
 import pytest
 import torch
 
-from deris_rerank.venice.calibrated import CalibratedConfig, CalibratedReranker
-from deris_rerank.venice.gate_files import save_calibrated
+from deris_rerank.rerank.calibrated import CalibratedConfig, CalibratedReranker
+from deris_rerank.rerank.files import save_calibrated
 from deris_rerank.errors import CheckpointError, InputError
-from deris_rerank.venice.decision import DecisionRule
-from deris_rerank.venice.gate_files import load_gate
-from deris_rerank.venice.text_context import TextContext, pooled_text
+from deris_rerank.rerank.decision import DecisionRule
+from deris_rerank.rerank.files import load_gate
+from deris_rerank.rerank.text_context import TextContext, pooled_text
 from deris_rerank.workflow.train_calibrated import CalibratedSettings, listwise_targets, train_calibrated
 from deris_rerank.workflow.train_gate import GateData
 
@@ -154,8 +154,8 @@ def test_listwise_targets():
 
 
 def test_mask_geometry_finds_centre_and_spread():
-    from deris_rerank.venice.calibrated import mask_geometry
-    from deris_rerank.venice.signatures import grid_signatures
+    from deris_rerank.rerank.calibrated import mask_geometry
+    from deris_rerank.rerank.signatures import grid_signatures
 
     logits = torch.full((2, 64, 64), -20.0)
     logits[0, 8:24, 40:56] = 20.0  # a square: centre (0.75, 0.25), side 0.25

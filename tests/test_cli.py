@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, build_tiny_model
-from deris_rerank.venice.gate_files import load_gate
+from deris_rerank.rerank.files import load_gate
 
 
 def run_cli(*args):
@@ -16,8 +16,8 @@ def run_cli(*args):
 def random_released_gate_file(path):
     """A random released-style Venice-H1 gate saved as the released `.pt` files are: {model, config} with
     the settings under their released names (query_feat_dim, ..., tau), as in the Venice-H1 fixture."""
-    from deris_rerank.venice.decision import DecisionRule
-    from deris_rerank.venice.gate import RELEASED, GateConfig, ReleasedGate
+    from deris_rerank.rerank.decision import DecisionRule
+    from deris_rerank.rerank.venice import RELEASED, GateConfig, ReleasedGate
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)

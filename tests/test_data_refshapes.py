@@ -16,7 +16,7 @@ from deris_rerank.data.refshapes import (
     corpus, referents, write_refshapes,
 )
 from deris_rerank.errors import InputError
-from deris_rerank.preprocess import clean_text
+from deris_rerank.tokenizer import clean_text
 
 SIZE = (256, 256)
 

@@ -8,7 +8,7 @@ import torch
 
 from deris_rerank.checkpoints import load_deris
 from deris_rerank.deris.model import upsample_masks
-from deris_rerank.preprocess import deris_answer_mask
+from deris_rerank.candidates import deris_answer_mask
 
 FLOAT64_TOL = 1e-10
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from deris_rerank.errors import CheckpointError
 from deris_rerank.fileio import atomic_write, read_torch_file
-from deris_rerank.venice.cache import write_shard
+from deris_rerank.rerank.cache import write_shard
 from deris_rerank.visualize import save_png
 
 
@@ -99,7 +99,7 @@ def test_sidecar_formats_are_versioned_and_checked(tiny_model_dir, tmp_path):
     import shutil
 
     from deris_rerank.checkpoints import load_deris
-    from deris_rerank.venice.gate_files import load_gate
+    from deris_rerank.rerank.files import load_gate
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir / "deris", model)

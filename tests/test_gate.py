@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from deris_rerank.errors import CheckpointError, InputError, OutputError
-from deris_rerank.venice.decision import DecisionRule
-from deris_rerank.venice.gate import GATE_CLASSES, PACKAGED, RELEASED, GateConfig, VeniceGate
-from deris_rerank.venice.gate_files import load_gate, save_gate
+from deris_rerank.rerank.decision import DecisionRule
+from deris_rerank.rerank.venice import GATE_CLASSES, PACKAGED, RELEASED, GateConfig, VeniceGate
+from deris_rerank.rerank.files import load_gate, save_gate
 
 V3_FILES = ["v3_hf_style.pt", "v3_script_style.pth"]
 

@@ -8,7 +8,7 @@ import pytest
 
 from deris_rerank import Pipeline, cli
 from deris_rerank.errors import CheckpointError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
-from deris_rerank.venice.gate_files import load_gate
+from deris_rerank.rerank.files import load_gate
 from deris_rerank.result import Result
 
 

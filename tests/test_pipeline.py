@@ -11,7 +11,9 @@ from PIL import Image
 from deris_rerank import Pipeline
 from deris_rerank.candidates import Candidates
 from deris_rerank.errors import CheckpointError, InputError
-from deris_rerank.preprocess import deris_answer_mask, load_image, prepare_images, resize_mask_nearest
+from deris_rerank.candidates import deris_answer_mask
+from deris_rerank.images import load_image
+from deris_rerank.transforms import prepare_images, resize_mask_nearest
 from deris_rerank.rle import decode_mask
 
 
@@ -180,9 +182,9 @@ def test_missing_files_and_wrong_gates_are_clear_errors(tiny_model_dir, tmp_path
         Pipeline(deris="deris-l-refcoco")
     with pytest.raises(CheckpointError, match="tok.spm"):
         Pipeline(deris=tiny_model_dir / "deris", tokenizer=tmp_path / "tok.spm", gate=False, device="cpu")
-    from deris_rerank.venice.decision import DecisionRule
-    from deris_rerank.venice.gate import RELEASED, GateConfig, ReleasedGate
-    from deris_rerank.venice.gate_files import save_gate
+    from deris_rerank.rerank.decision import DecisionRule
+    from deris_rerank.rerank.venice import RELEASED, GateConfig, ReleasedGate
+    from deris_rerank.rerank.files import save_gate
 
     save_gate(ReleasedGate(GateConfig(RELEASED, query_dim=256, hidden_dim=32, n_layers=1, n_heads=4), DecisionRule(0.5)), tmp_path / "big")
     with pytest.raises(CheckpointError, match="size 256.*produces 64"):
@@ -278,7 +280,7 @@ def test_an_encoded_image_gives_the_same_results_without_encoding_again(pipe, ph
 
 def test_a_pipeline_from_built_objects_equals_one_from_files(tiny_model_dir, photo):
     from deris_rerank.checkpoints import load_deris
-    from deris_rerank.venice.gate_files import load_gate
+    from deris_rerank.rerank.files import load_gate
     from deris_rerank.tokenizer import Beit3Tokenizer
     from deris_rerank.run_identity import pipeline_identity
 

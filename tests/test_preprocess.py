@@ -10,22 +10,13 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-import deris_rerank.preprocess as preprocess
 import deris_rerank.images as images
 from deris_rerank.errors import CheckpointError, InputError
-from deris_rerank.preprocess import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    UNK_ID,
-    Beit3Tokenizer,
-    clean_text,
-    deris_answer_mask,
-    load_image,
-    prepare_images,
-    refer_scores,
-    resize_mask_nearest,
-)
+from deris_rerank.candidates import deris_answer_mask
+from deris_rerank.deris.answer import refer_scores
+from deris_rerank.images import load_image
+from deris_rerank.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Beit3Tokenizer, clean_text
+from deris_rerank.transforms import prepare_images, resize_mask_nearest
 
 SCORE_THRESHOLD = 0.9  # DeRIS-L refcoco config, used to build the fixture's masks
 
@@ -494,7 +485,7 @@ def test_non_ascii_file_name(tmp_path):
 
 
 def test_decompression_bomb_limit_refuses_before_decoding(tmp_path, monkeypatch):
-    assert preprocess.MAX_IMAGE_PIXELS == 2 * Image.MAX_IMAGE_PIXELS  # Pillow's default error threshold
+    assert images.MAX_IMAGE_PIXELS == 2 * Image.MAX_IMAGE_PIXELS  # Pillow's default error threshold
     rgb = random_array((10, 20, 3), seed=11)
     path = tmp_path / "big.png"
     Image.fromarray(rgb).save(path)

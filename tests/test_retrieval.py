@@ -12,10 +12,10 @@ from test_workflow import SMALL, caches, pipeline_and_cache_decisions  # noqa: F
 from deris_rerank import Pipeline, cli
 from deris_rerank.data import RefShapes
 from deris_rerank.errors import CheckpointError, InputError
-from deris_rerank.venice.gate_files import load_gate, save_calibrated
-from deris_rerank.venice.retrieval import RetrievalConfig, RetrievalMemory, memory_values, retrieval_keys, subsample
-from deris_rerank.venice.text_context import TextContext
-from deris_rerank.workflow.gate_data import load_gate_data
+from deris_rerank.rerank.files import load_gate, save_calibrated
+from deris_rerank.rerank.retrieval import RetrievalConfig, RetrievalMemory, memory_values, retrieval_keys, subsample
+from deris_rerank.rerank.text_context import TextContext
+from deris_rerank.rerank.gate_data import load_gate_data
 
 
 def unit(*shape, seed=0):
@@ -46,7 +46,7 @@ def test_memory_holding_the_query_returns_its_own_value_with_k1():
 
 
 def test_lookup_in_chunks_equals_one_matmul(monkeypatch):
-    import deris_rerank.venice.retrieval as retrieval
+    import deris_rerank.rerank.retrieval as retrieval
 
     keys, values = unit(50, 6, seed=1), torch.rand(50)
     memory = RetrievalMemory(keys, values, RetrievalConfig(k=3))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deris_rerank.errors import InputError
-from deris_rerank.venice.signatures import (
+from deris_rerank.rerank.signatures import (
     GRID_FIELDS,
     GRID_SIGNATURE_DIM,
     grid_signatures,

@@ -7,7 +7,7 @@ import torch
 
 from deris_rerank.data.refshapes import RefShapes, corpus
 from deris_rerank.deris.config import DerisConfig
-from deris_rerank.preprocess import Beit3Tokenizer
+from deris_rerank.tokenizer import Beit3Tokenizer
 from deris_rerank.training.attributes import AttributeHead, AttributeHeads, pooled_attribute_loss
 from deris_rerank.training.losses import LossWeights, PairTargets, deris_loss, hungarian_match, referent_attribute_loss, round_losses
 from deris_rerank.training.tokenizer import train_word_tokenizer

@@ -9,9 +9,9 @@ from PIL import Image
 
 from deris_rerank import Pipeline, cli
 from deris_rerank.data import RefShapes
-from deris_rerank.preprocess import resize_mask_nearest
-from deris_rerank.venice.cache import read_cache
-from deris_rerank.venice.gate_files import load_gate
+from deris_rerank.transforms import resize_mask_nearest
+from deris_rerank.rerank.cache import read_cache
+from deris_rerank.rerank.files import load_gate
 from deris_rerank.workflow.extract import mask_overlap
 from deris_rerank.workflow.train_gate import load_gate_data
 
@@ -104,7 +104,7 @@ def test_train_gate_is_deterministic_and_tunes_tau_on_the_tuning_split(caches, t
     assert a.config.hidden_dim == 32 and a.config.query_dim == 64
     # tau is the best on the tuning split: no other tau on the grid does better there
     from deris_rerank.workflow.train_gate import TAU_GRID, delta_full, gate_outputs
-    from deris_rerank.venice.decision import apply_rule
+    from deris_rerank.rerank.decision import apply_rule
     import dataclasses
 
     tune = load_gate_data([caches / "tune"])
@@ -184,7 +184,7 @@ def pipeline_and_cache_decisions(model_dir, gate_path, caches, pairs: int):
 
 
 def test_calibrated_reranker_trains_evaluates_and_runs_in_the_pipeline(caches, tiny_model_dir, tmp_path, capsys):
-    from deris_rerank.venice.calibrated import CalibratedReranker
+    from deris_rerank.rerank.calibrated import CalibratedReranker
 
     args = ["train-gate", "--arch", "calibrated", "--train", str(caches / "train"), "--tune", str(caches / "tune"),
             "--device", "cpu", "--quiet", *SMALL]
@@ -219,7 +219,7 @@ def test_operating_points_are_reported_and_selectable(caches, tiny_model_dir, tm
     capsys.readouterr()
     reranker = load_gate(tmp_path / "cal.safetensors")
     reranker.operating_points["conservative"] = dataclasses.replace(reranker.rule, tau=0.97, margin_pred=4.0)  # distinct from tuned
-    from deris_rerank.venice.gate_files import save_calibrated
+    from deris_rerank.rerank.files import save_calibrated
 
     save_calibrated(reranker, tmp_path / "cal")
     assert cli.main(["evaluate", "--cache", str(caches / "val"), "--gate", str(tmp_path / "cal.safetensors"),
@@ -259,7 +259,7 @@ def test_operating_points_are_reported_and_selectable(caches, tiny_model_dir, tm
 
 
 def test_retune_repicks_the_points_train_gate_picked_and_keeps_the_weights(caches, tiny_model_dir, tmp_path, capsys):
-    from deris_rerank.venice.gate_files import save_calibrated
+    from deris_rerank.rerank.files import save_calibrated
 
     assert cli.main(["train-gate", "--arch", "calibrated", "--train", str(caches / "train"), "--tune", str(caches / "tune"),
                      "--device", "cpu", "--quiet", *SMALL, "--out", str(tmp_path / "cal")]) == 0
@@ -297,7 +297,7 @@ def test_retune_repicks_the_points_train_gate_picked_and_keeps_the_weights(cache
 
 
 def test_text_aware_training_on_an_old_cache_fails_with_one_line(caches, tmp_path, capsys):
-    from deris_rerank.venice.cache import write_shard
+    from deris_rerank.rerank.cache import write_shard
     from deris_rerank.workflow.train_gate import CACHE_TEXT_FIELDS
 
     tensors, ids, provenance = read_cache([caches / "train"])

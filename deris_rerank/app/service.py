@@ -46,7 +46,7 @@ from ..errors import DerisRerankError, InputError
 from ..images import MAX_IMAGE_PIXELS, load_image_bytes
 from ..pipeline import EncodedImage, Pipeline
 from ..result import Result
-from ..venice.decision import check_tau
+from ..rerank.decision import check_tau
 
 
 class TooLargeError(InputError):

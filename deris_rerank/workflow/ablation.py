@@ -14,8 +14,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ..venice.decision import apply_rule
-from ..venice.gate_data import GateData, gate_outputs
+from ..rerank.decision import apply_rule
+from ..rerank.gate_data import GateData, gate_outputs
 from .metrics import evaluate_choices
 
 ABLATION_COLUMNS = [

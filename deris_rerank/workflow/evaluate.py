@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write
-from ..venice.decision import apply_rule
-from ..venice.gate import VeniceGate
-from ..venice.gate_data import GateData, gate_outputs, load_gate_data
+from ..rerank.decision import apply_rule
+from ..rerank.venice import VeniceGate
+from ..rerank.gate_data import GateData, gate_outputs, load_gate_data
 from .metrics import HARM_MARGIN, PRECISION_THRESHOLDS, evaluate_choices, roc_auc
 
 TABLE_COLUMNS = [

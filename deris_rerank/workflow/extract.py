@@ -27,8 +27,8 @@ from ..errors import InputError, OutputMismatchError
 from ..pipeline import CandidateBatch, Pipeline
 from ..run_identity import identity_differences, model_sha256
 from ..transforms import resize_mask_nearest
-from ..venice.cache import shard_ids, shard_path, shard_provenance, write_shard
-from ..venice.signatures import MASK_STAT_NAMES, split_grid_signature
+from ..rerank.cache import shard_ids, shard_path, shard_provenance, write_shard
+from ..rerank.signatures import MASK_STAT_NAMES, split_grid_signature
 from ..version import __version__
 
 IOU_PROTOCOLS = ("384", "original")

@@ -1,7 +1,7 @@
 """Building a calibrated re-ranker's retrieval memory and choosing its ensemble weight.
 
 `build_memory` runs a trained re-ranker over a cache's P pairs, keys each of the P x N
-candidates in the re-ranker's own space (`venice.retrieval.retrieval_keys`), values them by
+candidates in the re-ranker's own space (`rerank.retrieval.retrieval_keys`), values them by
 their IoU gain over Query-0 (or their IoU), and keeps `memory_size` of them (seeded draw).
 
 `choose_retrieval` picks the ensemble weight w_ret from RETRIEVAL_WEIGHTS (0 included: no
@@ -24,10 +24,10 @@ import torch
 
 from ..errors import InputError
 from ..settings import MEMORY_SOURCES, CalibratedSettings
-from ..venice.calibrated import CalibratedReranker
-from ..venice.decision import DecisionRule
-from ..venice.gate_data import GateData
-from ..venice.retrieval import RetrievalConfig, RetrievalMemory, memory_values, retrieval_keys, subsample
+from ..rerank.calibrated import CalibratedReranker
+from ..rerank.decision import DecisionRule
+from ..rerank.gate_data import GateData
+from ..rerank.retrieval import RetrievalConfig, RetrievalMemory, memory_values, retrieval_keys, subsample
 from .train_calibrated import choose_points_from_outputs
 
 RETRIEVAL_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..settings import CalibratedSettings
-from ..venice.calibrated import CalibratedConfig, CalibratedReranker
-from ..venice.decision import DecisionRule, apply_rule
-from ..venice.gate_data import GateData, gate_outputs
+from ..rerank.calibrated import CalibratedConfig, CalibratedReranker
+from ..rerank.decision import DecisionRule, apply_rule
+from ..rerank.gate_data import GateData, gate_outputs
 from ..workflow.metrics import HARM_MARGIN
 from .train_gate import TAU_GRID
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..settings import FEATURE_SETS, TrainSettings  # noqa: F401  (re-exported)
-from ..venice.decision import DecisionRule, apply_rule
-from ..venice.gate import RELEASED, GateConfig, ReleasedGate, VeniceGate
-from ..venice.gate_data import CACHE_TEXT_FIELDS, GateData, gate_outputs, load_gate_data  # noqa: F401  (re-exported)
-from ..venice.signatures import GRID_SIZES
+from ..rerank.decision import DecisionRule, apply_rule
+from ..rerank.venice import RELEASED, GateConfig, ReleasedGate, VeniceGate
+from ..rerank.gate_data import CACHE_TEXT_FIELDS, GateData, gate_outputs, load_gate_data  # noqa: F401  (re-exported)
+from ..rerank.signatures import GRID_SIZES
 
 TAU_GRID = tuple(round(0.01 * k, 2) for k in range(100))
 

@@ -23,20 +23,20 @@ so permuting the candidates permutes the fused logits and leaves p_fail unchange
 text attention and zeroes the pooled text (an ablation: the same network without the expression;
 the candidates' cognition embeddings, which DeRIS's aligner made from the text, stay).
 
-Retrieval (optional, `memory`, see `venice.retrieval`): a memory of training candidates keyed in
+Retrieval (optional, `memory`, see `rerank.retrieval`): a memory of training candidates keyed in
 this network's own space (c, optionally joined with mean(t)) gives each candidate a retrieved
 IoU-gain estimate r_i [B, N]; the ranking value becomes f_i + w_ret * r_i (w_ret >= 0, in the
 memory's config). The failure head still reads f (what it was trained on). Without a memory, or
 with w_ret = 0, the decisions are exactly those of the network alone.
 
-Decision rule: Venice-H1's (`venice.decision.apply_rule`) on the fused logits: the default is
+Decision rule: Venice-H1's (`rerank.decision.apply_rule`) on the fused logits: the default is
 argmax(score) (Query-0); switch to argmax(fused) only if p_fail > tau and the best
 alternative's fused logit exceeds Query-0's by more than margin_pred (logit units). Because
 log is monotone, a re-ranker whose calibrated logits are all zero (w_cal = 0 at
 initialisation, or zero weights) never sees an alternative above Query-0, so it keeps
 DeRIS's choice exactly, whatever tau.
 
-Saved by `venice.gate_files.save_calibrated` as `<path>.safetensors` + `<path>.json` (format
+Saved by `rerank.files.save_calibrated` as `<path>.safetensors` + `<path>.json` (format
 name `deris-rerank-calibrated`); `load_gate` recognises the format and returns a `CalibratedReranker`.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from ..errors import InputError
 from ..settings import FUSIONS
 from .decision import DecisionRule, GateDecision, apply_rule
-from .gate import N_MASK_STATS, check_input_shapes
+from .venice import N_MASK_STATS, check_input_shapes
 from .retrieval import RetrievalMemory, retrieval_keys
 from .signatures import GRID_FIELDS, GRID_SIGNATURE_DIM, GRID_SIZES
 from .text_context import TextContext, pooled_text

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InputError
 from .cache import read_cache
-from .gate import VeniceGate
+from .venice import VeniceGate
 from .signatures import GRID_FIELDS, MASK_STAT_NAMES
 from .text_context import TextContext
 

@@ -27,7 +27,7 @@ from ..model_files import resolve_gate
 from .calibrated import CalibratedConfig, CalibratedReranker
 from .decision import DecisionRule, check_tau, named_rule
 from .retrieval import RetrievalConfig, RetrievalMemory, storage_state
-from .gate import GATE_CLASSES, N_MASK_STATS, PACKAGED, RELEASED, GateConfig, VeniceGate
+from .venice import GATE_CLASSES, N_MASK_STATS, PACKAGED, RELEASED, GateConfig, VeniceGate
 from .signatures import GRID_SIGNATURE_DIM, GRID_SIZES
 
 FORMAT_NAME = "deris-rerank-gate"
@@ -150,7 +150,7 @@ def load_gate(
     """Load a Venice-H1 gate checkpoint, in eval mode, with weights in the file's dtype.
 
     A `.safetensors` + `.json` pair whose format is `deris-rerank-calibrated` gives a
-    `venice.calibrated.CalibratedReranker` instead (same `decide`, plus the expression's
+    `rerank.calibrated.CalibratedReranker` instead (same `decide`, plus the expression's
     `TextContext`); `operating_point` picks one of its stored operating points (e.g. "conservative").
 
     `path`: a Venice-H1 `.pt`/`.pth` file (released: `{model, config}` or `{model, tau, ...}`;

@@ -14,9 +14,9 @@ Two architectures exist, told apart by their state-dict keys:
   `[query (D), score, mask_mean, mask_max, mask_area, mask_std, grid (675)]`; the default
   candidate is slot 0.
 
-Both end in `venice.decision.apply_rule` with `gain` = the predicted IoU gains. The released
+Both end in `rerank.decision.apply_rule` with `gain` = the predicted IoU gains. The released
 rule uses margin_pred = 0.02 by default; the packaged rule has no margin. Reading and writing
-their files: `venice.gate_files`.
+their files: `rerank.files`.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class VeniceGate(nn.Module):
 
     Subclasses define `query_encoder`, their heads, `candidate_features` and `heads`.
     `reads_text` is False: a Venice-H1 gate reads the candidates alone (the calibrated
-    re-ranker, `venice.calibrated`, also takes the expression's `TextContext`).
+    re-ranker, `rerank.calibrated`, also takes the expression's `TextContext`).
     """
 
     reads_text = False
