@@ -483,6 +483,7 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
     from .data.refshapes import RefShapes, corpus
     from .devices import resolve_device
     from .deris.config import DerisConfig
+    from .errors import InputError
     from .hub import local_path
     from .training.tokenizer import train_word_tokenizer
     from .training.train_deris import train_deris
@@ -496,16 +497,18 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
         train_word_tokenizer(corpus(20_000, seed=args.seed), tokenizer, max_pieces=config.beit3.vocab_size - 2)
     settings = settings_from_args(args, DerisTrainSettings)
     device = resolve_device(args.device)
+    if args.init and args.init_perception:
+        raise InputError("give --init (a whole model to fine-tune) or --init-perception (Swin weights), not both")
     init = local_path(args.init_perception) if args.init_perception else None
     train_deris(config, dataset, tokenizer, out, settings, device=device, log=training_log(args),
-                init_perception=init)
+                init_perception=init, init_model=local_path(args.init) if args.init else None)
     print(json.dumps({"model": str(out / "model"), "tokenizer": str(out / "model" / "tokenizer.model")}))
     return 0
 
 
 def cmd_convert_gate(args: argparse.Namespace) -> int:
     """Convert a Venice-H1 gate checkpoint to safetensors + JSON."""
-    from .venice.gate_files import load_gate, save_gate
+    from .rerank.files import load_gate, save_gate
 
     gate = load_gate(args.checkpoint, **_rule_overrides(args))
     written = save_gate(gate, args.output)
@@ -701,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_deris.add_argument("--tokenizer", help="sentencepiece model (default: train one on the RefShapes grammar)")
     add_settings_flags(train_deris, DerisTrainSettings)
     train_deris.add_argument("--init-perception", help="Swin weights from `deris-rerank pretrain-perception`")
+    train_deris.add_argument("--init", help="a whole DeRIS model of this preset to fine-tune from (our format: a folder "
+                             "such as deris_rerank/embedded/deris-tiny, or hf://...); pass its --tokenizer too")
     add_training_run_flags(train_deris)
     train_deris.set_defaults(run=cmd_train_deris)
 

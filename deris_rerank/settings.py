@@ -91,6 +91,7 @@ class DerisTrainSettings:
     seed: int = 0
     checkpoint_every: int = 500
     num_workers: int = 1
+    non_referent_rate: float = 0.15  # gres data only: DeRIS's non-referent sample conversion (its gRefCOCO rate)
 
 
 @dataclass

@@ -185,3 +185,58 @@ def test_perception_pretraining_initialises_train_deris(tmp_path):
     with pytest.raises(CheckpointError, match="not a Swin of the"):
         train_deris(other, data, tokenizer, tmp_path / "run2", none, log=lambda _: None,
                     init_perception=tmp_path / "perception.safetensors")
+
+
+def test_non_referent_conversion_borrows_expressions_that_refer_to_nothing_here():
+    from deris_rerank.data.refshapes import referents
+    from deris_rerank.training.train_deris import non_referent_expression
+
+    data = RefShapes("train", num_images=40, seed=2, image_size=(96, 96), mode="gres")
+    rng = np.random.default_rng(0)
+    found = 0
+    for image in range(20):
+        expression = non_referent_expression(data, image, rng)
+        if expression is None:
+            continue
+        found += 1
+        assert expression.targets == ()
+        assert referents(expression.query, data.scene(image).objects, data.image_size) == frozenset()
+        assert expression.text not in {e.text for e in data.scene(image).expressions}
+    assert found >= 15
+
+
+def test_gres_stream_converts_referent_pairs_and_ris_stream_never_does(tmp_path):
+    from deris_rerank.training.train_deris import RefShapesStream
+
+    config = dataclasses.replace(DerisConfig.preset("deris-tiny"), image_size=96)
+    tokenizer = train_word_tokenizer(corpus(2000), tmp_path / "tok.model")
+
+    def referred_counts(mode, rate, steps=6):
+        data = RefShapes("train", num_images=30, seed=1, image_size=(96, 96), mode=mode)
+        stream = iter(RefShapesStream(data, tokenizer, config, batch_size=8, start_step=0, seed=0, non_referent_rate=rate))
+        return [int(text[2].sum()) for _ in range(steps) for image in next(stream) for text in image[-1]]
+
+    assert 0 not in referred_counts("ris", 1.0)  # one referent each: ris data has no no-target pairs to make
+    kept, converted = referred_counts("gres", 0.0), referred_counts("gres", 1.0)
+    assert len(kept) == len(converted) and converted.count(0) > kept.count(0)
+    assert all(c == 0 for c in converted)  # rate 1: every pair with referents became a no-target pair
+
+
+def test_train_deris_fine_tunes_a_whole_model_of_the_same_preset(tmp_path):
+    from deris_rerank.checkpoints import save_deris
+    from deris_rerank.deris.model import DerisModel
+    from deris_rerank.errors import CheckpointError
+
+    config = dataclasses.replace(DerisConfig.preset("deris-tiny"), image_size=96)
+    data = RefShapes("train", num_images=20, seed=1, image_size=(96, 96), mode="gres")
+    tokenizer = train_word_tokenizer(corpus(2000), tmp_path / "tok.model")
+    torch.manual_seed(5)
+    start = DerisModel(config)
+    save_deris(start, tmp_path / "start")
+    none = DerisTrainSettings(steps=0, batch_size=2, num_workers=0)
+    model = train_deris(config, data, tokenizer, tmp_path / "run", none, log=lambda _: None, init_model=tmp_path / "start")
+    for key, value in start.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    other = dataclasses.replace(config, hidden_dim=32)
+    with pytest.raises(CheckpointError, match="fine-tune a model of the same preset"):
+        train_deris(other, data, tokenizer, tmp_path / "run2", none, log=lambda _: None, init_model=tmp_path / "start")

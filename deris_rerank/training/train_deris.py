@@ -10,6 +10,15 @@ from the text features (`attributes.py`). Runs on CPU or CUDA (bfloat16
 autocast there), shows progress, checkpoints every `checkpoint_every` steps to
 `<out>/checkpoint.pt` (plain tensors: read back with weights_only=True) and resumes from it;
 seeded: the data of step s is a pure function of (seed, s).
+
+GRES data (RefShapes in "gres" mode: expressions with several referents or none) is trained
+the same way: every referred instance is matched and labelled referred, a no-target pair has no
+referred slot, and the existence head learns whether any referent exists. On top of the
+grammar's own no-target expressions, DeRIS's non-referent sample conversion ("turn hard
+negative" in its code, rate 0.15 in its gRefCOCO configs) replaces a fraction of the
+expressions that have referents by an expression of another image; unlike upstream, which
+assumes the borrowed expression refers to nothing, the RefShapes semantics check it
+(`non_referent_expression`), so a converted pair is a true no-target pair.
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..checkpoints import save_deris
-from ..data.refshapes import RefShapes
+from ..data.refshapes import Expression, RefShapes, referents
 from ..deris.config import DerisConfig
 from ..deris.model import DerisModel
 from ..errors import CheckpointError
@@ -51,9 +60,11 @@ class RefShapesStream(IterableDataset):
     ATTRIBUTE_VOCABULARIES), texts: a list of (tokens [T], padding [T], referred bool [K])).
     """
 
-    def __init__(self, dataset: RefShapes, tokenizer_path: Path, config: DerisConfig, batch_size: int, start_step: int, seed: int):
+    def __init__(self, dataset: RefShapes, tokenizer_path: Path, config: DerisConfig, batch_size: int, start_step: int, seed: int,
+                 non_referent_rate: float = 0.0):
         self.dataset, self.tokenizer_path, self.config = dataset, tokenizer_path, config
         self.batch_size, self.start_step, self.seed = batch_size, start_step, seed
+        self.non_referent_rate = non_referent_rate if dataset.mode == "gres" else 0.0
 
     def __iter__(self) -> Iterator[List[tuple]]:
         tokenizer = Beit3Tokenizer(self.tokenizer_path)
@@ -63,19 +74,22 @@ class RefShapesStream(IterableDataset):
             images: List[tuple] = []
             pairs = 0
             while pairs < self.batch_size:
-                images.append(self._image(int(rng.integers(0, self.dataset.num_images)), tokenizer, self.batch_size - pairs))
+                images.append(self._image(int(rng.integers(0, self.dataset.num_images)), tokenizer, self.batch_size - pairs, rng))
                 pairs += len(images[-1][-1])
             yield images
             step += 1
 
-    def _image(self, index: int, tokenizer: Beit3Tokenizer, max_texts: int) -> tuple:
+    def _image(self, index: int, tokenizer: Beit3Tokenizer, max_texts: int, rng: np.random.Generator) -> tuple:
         scene = self.dataset.scene(index)
         image_hi, image_lo = prepare_images(scene.image, self.config.image_size, self.config.image_size_lo)
         size = self.config.image_size // 4
         masks = torch.from_numpy(np.array(scene.masks, dtype=np.float32))[:, None]
         instances = (F.interpolate(masks, size=(size, size), mode="area")[:, 0] >= 0.5).float()
         attributes = attribute_labels(scene.objects)
-        expressions = scene.expressions[:max_texts]
+        expressions = list(scene.expressions[:max_texts])
+        for k, expression in enumerate(expressions):
+            if expression.targets and self.non_referent_rate > 0 and rng.random() < self.non_referent_rate:
+                expressions[k] = non_referent_expression(self.dataset, index, rng) or expression
         tokens, padding = tokenizer.encode_batch([e.text for e in expressions], self.config.max_tokens)
         texts = []
         for k, expression in enumerate(expressions):
@@ -83,6 +97,21 @@ class RefShapesStream(IterableDataset):
             referred[list(expression.targets)] = True
             texts.append((tokens[k], padding[k], referred))
         return image_hi, image_lo, instances, attributes, texts
+
+
+def non_referent_expression(dataset: RefShapes, image: int, rng: np.random.Generator, attempts: int = 20) -> Optional[Expression]:
+    """An expression of another image of `dataset` that refers to nothing in image `image`
+    (checked with the grammar's semantics; ill-posed ones are skipped), with no targets; None if
+    `attempts` draws find none. DeRIS's non-referent sample conversion, verified."""
+    scene = dataset.scene(image)
+    for _ in range(attempts):
+        other = int(rng.integers(0, dataset.num_images - 1))
+        other += other >= image  # any image but this one
+        borrowed = dataset.scene(other).expressions
+        expression = borrowed[int(rng.integers(0, len(borrowed)))]
+        if referents(expression.query, scene.objects, dataset.image_size) == frozenset():
+            return Expression(expression.text, expression.query, ())
+    return None
 
 
 def collate(images: List[tuple]) -> Dict[str, object]:
@@ -121,10 +150,13 @@ def train_deris(
     log: Callable[[str], None] = print,
     weights: LossWeights = LossWeights(),
     init_perception: Optional[Path] = None,
+    init_model: Optional[Path] = None,
 ) -> DerisModel:
     """Train (or resume) and return the model; writes `<out>/checkpoint.pt` and, at the end, the
     model in our format under `<out>/model/` (model.safetensors + config.json) with the tokenizer.
-    init_perception: Swin weights from `pretrain_perception`, loaded before step 0."""
+    init_perception: Swin weights from `pretrain_perception`, loaded before step 0; init_model: a
+    whole DeRIS of this preset in our format (a folder or model.safetensors, e.g. the embedded
+    default) to fine-tune from, loaded before step 0 (the optimiser starts afresh)."""
     device = torch.device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
@@ -147,13 +179,16 @@ def train_deris(
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
         log(f"resuming from step {start}")
+    elif init_model is not None:
+        model.load_state_dict(_init_weights(init_model, config))
+        log(f"initialised from {init_model}")
     elif init_perception is not None:
         try:
             model.swin.load_state_dict(read_safetensors(init_perception, "perception pre-training"))
         except RuntimeError as exc:
             raise CheckpointError(f"{init_perception} is not a Swin of the {config.name} preset: {str(exc).splitlines()[0]}") from None
         log(f"Swin initialised from {init_perception}")
-    stream = RefShapesStream(dataset, tokenizer_path, config, settings.batch_size, start, settings.seed)
+    stream = RefShapesStream(dataset, tokenizer_path, config, settings.batch_size, start, settings.seed, settings.non_referent_rate)
     loader = DataLoader(stream, batch_size=None, collate_fn=collate, num_workers=settings.num_workers,
                         prefetch_factor=4 if settings.num_workers else None)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -204,3 +239,14 @@ def train_deris(
     (out_dir / "model" / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
     return model
 
+
+
+def _init_weights(path: Path, config: DerisConfig) -> Dict[str, torch.Tensor]:
+    """The state dict of the DeRIS model at `path` (our format), checked to be of `config`'s preset."""
+    from ..checkpoints import load_deris
+
+    model = load_deris(path)
+    if model.config.to_dict() != config.to_dict():
+        raise CheckpointError(f"{path} is a {model.config.name} model with other settings than the {config.name} preset being "
+                              "trained; fine-tune a model of the same preset (--preset)")
+    return model.state_dict()
