@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from deris_rerank import Pipeline, cli
+from deris_rerank.cli.segment import summary as summary_of
 from deris_rerank.errors import CheckpointError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
 from deris_rerank.rerank.files import load_gate
 from deris_rerank.result import Result
@@ -65,10 +66,10 @@ def test_empty_mask_is_said_in_summary_and_json():
                     slots=[1, 0], deris_mask=empty, default_mask=empty, existence=0.1, timings={"deris": 1.0})
     assert result.mask_empty and result.to_json()["mask_empty"] is True
     assert result.notes[0].startswith("the chosen mask is empty")
-    summary = cli._summary(result, {})
+    summary = summary_of(result, {})
     assert "mask: EMPTY" in summary and "note: the chosen mask is empty" in summary
     full = Result(**{**result.__dict__, "mask": np.ones((5, 6), bool)})
-    assert not full.mask_empty and "mask: 30 pixels" in cli._summary(full, {})
+    assert not full.mask_empty and "mask: 30 pixels" in summary_of(full, {})
 
 
 @pytest.mark.parametrize("tau", [-0.1, 1.5, float("nan")])
