@@ -5,8 +5,10 @@ it that way; `order` gives the by-score view that people read.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+import numpy as np
 
 import torch
 from torch import Tensor
@@ -16,6 +18,10 @@ from .deris.model import DerisOutput
 from .errors import InputError
 from .rerank.signatures import grid_signatures, mask_statistics
 from .rerank.text_context import TEXT_FIELDS, TextContext
+from .timing import StageTimer
+
+if TYPE_CHECKING:
+    from .tokenizer import TextNotes
 
 QUERY_SOURCES = ("perception", "cognition")
 
@@ -71,6 +77,21 @@ class Candidates:
         """bool [B, N, S, S]: sigmoid(mask_logits) >= threshold (in float32, or float64), as DeRIS binarises."""
         logits = self.mask_logits if self.mask_logits.dtype == torch.float64 else self.mask_logits.float()
         return logits.sigmoid() >= threshold
+
+
+@dataclass
+class CandidateBatch:
+    """One model run: pairs `indices` (into the caller's list), their RGB images, DeRIS's raw
+    `outputs` and `candidates` (on the pipeline's device), the stage timer of the run, each
+    pair's share of its image's decode time (ms) and what the tokenizer noted of its text."""
+
+    indices: List[int]
+    images: List[np.ndarray]
+    candidates: Candidates
+    outputs: DerisOutput
+    timer: StageTimer
+    load_ms: List[float]
+    text_notes: List[TextNotes] = field(default_factory=list)
 
 
 def deris_answer_mask(

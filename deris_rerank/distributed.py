@@ -247,7 +247,7 @@ class _Replica:
 
     def _features(self, pairs, members) -> List[tuple]:
         """extract: each pair's cache fields (CPU tensors without the pair dimension)."""
-        from .pipeline import CandidateBatch
+        from .candidates import CandidateBatch
         from .workflow.extract import batch_fields
 
         outcomes = []

@@ -1,10 +1,10 @@
 """Pipeline: image + referring expression -> Result, wiring every stage.
 
     load_image -> prepare_images -> DeRIS (image features once per image) -> Candidates
-    -> mask statistics + grid signatures -> Venice-H1 gate -> Result
+    -> re-ranker -> Result (`answers.assemble_results`)
 
-Model files are found as DESIGN.md says: an explicit path first, then the folder named by
-`$DERIS_RERANK_WEIGHTS`, then the repository's `weights/` folder.
+Model files are found by `model_files`: an explicit path (or hf:// path) first, then the folder
+named by `$DERIS_RERANK_WEIGHTS`, then the repository's `weights/` folder.
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from .candidates import QUERY_SOURCES, Candidates
+from .answers import Reranker, assemble_results
+from .candidates import QUERY_SOURCES, CandidateBatch, Candidates
 from .checkpoints import load_deris
 from .deris.loopback import BATCH_SEMANTICS
-from .deris.model import DerisModel, DerisOutput, ImageFeatures
+from .deris.model import DerisModel, ImageFeatures
 from .errors import DerisRerankError, EmbeddedDefaultWarning, InputError, UnknownWordsWarning
 from .rerank.calibrated import CalibratedReranker
 from .rerank.decision import check_tau, named_rule
@@ -32,7 +33,7 @@ from .images import load_image
 from .devices import precision, resolve_device, resolve_dtype
 from .model_files import DEFAULT_MODEL, default_model, resolve_deris, resolve_gate, resolve_tokenizer
 from .tokenizer import Beit3Tokenizer, TextNotes, shorten_text
-from .transforms import prepare_images, resize_mask_nearest
+from .transforms import prepare_images
 from .result import Result
 from .timing import StageTimer
 
@@ -43,7 +44,6 @@ EMBEDDED_DEFAULT_NOTICE = (
 )
 
 
-Reranker = Union[VeniceGate, CalibratedReranker]
 RERANKERS = (VeniceGate, CalibratedReranker)
 
 
@@ -280,7 +280,7 @@ class Pipeline:
 
     def iter_candidates(
         self, pairs: Sequence[Tuple], batch_size: int = 8, workers: int = 2
-    ) -> Iterator[Union["CandidateBatch", Tuple[int, DerisRerankError]]]:
+    ) -> Iterator[Union[CandidateBatch, Tuple[int, DerisRerankError]]]:
         """DeRIS's raw candidates, batch by batch, for tools that need more than a Result (feature extraction).
 
         pairs: (image, text) or (image, text, group key); pairs with equal keys share one image
@@ -367,7 +367,7 @@ class Pipeline:
             for im in images
         ])
 
-    def _infer(self, images: List[_Image], jobs) -> "CandidateBatch":
+    def _infer(self, images: List[_Image], jobs) -> CandidateBatch:
         timer = StageTimer(self.device)
         rows = torch.tensor([position for _, position, _, _ in jobs], device=self.device)
         with torch.inference_mode(), precision(self.device, self.autocast_dtype):
@@ -392,84 +392,10 @@ class Pipeline:
             load_ms=load_ms,
         )
 
-    def _results(self, batch: "CandidateBatch", pairs) -> List[Tuple[int, Result]]:
-        """Gate decision and Results for one model run."""
-        timer, candidates, count = batch.timer, batch.candidates, len(batch.indices)
-        with torch.inference_mode():
-            with timer("signatures"):
-                stats, grids = candidates.gate_features()
-            with timer("gate"):
-                if self.gate is not None:
-                    inputs = (candidates.query_embed.float(), candidates.scores.float(), stats, grids)
-                    text = {"text": candidates.text} if self.gate.reads_text else {}
-                    decision = self.gate.decide(*inputs, **text)
-                    selected, p_fail = decision.selected, decision.p_fail.tolist()
-                    rerank = decision.rank.float().cpu()
-                    calibrated = None if decision.calibrated is None else decision.calibrated.float().cpu()
-                    retrieved = None if decision.retrieved is None else decision.retrieved.float().cpu()
-                else:
-                    selected, p_fail = candidates.default_index, [None] * count
-                    rerank = calibrated = retrieved = None
-            with timer("postprocess"):
-                binary = candidates.binary_masks(self.config.mask_threshold).cpu()
-                answers = candidates.answer_mask(self.config.score_threshold).cpu()
-                order = candidates.order.cpu()
-                scores = candidates.scores.float().cpu()
-                selected, default = selected.cpu(), candidates.default_index.cpu()
-        shared = {stage: ms / count for stage, ms in timer.ms.items()}
-        results = []
-        for b, index in enumerate(batch.indices):
-            size = tuple(batch.images[b].shape[:2])
-            slot_order = order[b].tolist()
-            chosen, first = int(selected[b]), int(default[b])
-            result = Result(
-                text=pairs[index][1],
-                mask=resize_mask_nearest(binary[b, chosen], size).numpy(),
-                selected_rank=slot_order.index(chosen),
-                switched=chosen != first,
-                p_fail=p_fail[b],
-                scores=scores[b, order[b]].tolist(),
-                slots=slot_order,
-                deris_mask=resize_mask_nearest(answers[b], size).numpy(),
-                default_mask=resize_mask_nearest(binary[b, first], size).numpy(),
-                existence=float(candidates.existence[b]),
-                timings={"load": batch.load_ms[b], **shared},
-                unknown_words=list(batch.text_notes[b].unknown_words),
-                truncated_to_tokens=batch.text_notes[b].kept_tokens if batch.text_notes[b].truncated else None,
-                embedded_default=self.is_embedded_default,
-                rerank_scores=None if rerank is None else rerank[b, order[b]].tolist(),
-                calibrated_scores=None if calibrated is None else calibrated[b, order[b]].tolist(),
-                retrieved_scores=None if retrieved is None else retrieved[b, order[b]].tolist(),
-                image=batch.images[b],
-                _candidate_masks=_LazyMasks(binary[b, order[b]], size),
-            )
-            results.append((index, result))
-        return results
-
-
-@dataclass
-class CandidateBatch:
-    """One model run: pairs `indices` (into the caller's list), their RGB images, DeRIS's raw
-    `outputs` and `candidates` (on the pipeline's device), the stage timer of the run, and each
-    pair's share of its image's decode time (ms)."""
-
-    indices: List[int]
-    images: List[np.ndarray]
-    candidates: Candidates
-    outputs: DerisOutput
-    timer: StageTimer
-    load_ms: List[float]
-    text_notes: List[TextNotes] = field(default_factory=list)
-
-
-class _LazyMasks:
-    """Resizes a pair's candidate masks to the image size when first asked for."""
-
-    def __init__(self, masks_384: torch.Tensor, size: Tuple[int, int]):
-        self.masks_384, self.size = masks_384, size
-
-    def __call__(self) -> np.ndarray:
-        return resize_mask_nearest(self.masks_384, self.size).numpy()
+    def _results(self, batch: CandidateBatch, pairs) -> List[Tuple[int, Result]]:
+        """The re-ranker's decisions and the Results of one model run."""
+        texts = [pairs[index][1] for index in batch.indices]
+        return assemble_results(batch, texts, self.gate, self.config, self.is_embedded_default)
 
 
 def _image_key(image: Any) -> Any:

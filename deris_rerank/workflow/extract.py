@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from ..data.sample import ReferringSample
 from ..errors import InputError, OutputMismatchError
-from ..pipeline import CandidateBatch, Pipeline
+from ..candidates import CandidateBatch
+from ..pipeline import Pipeline
 from ..run_identity import identity_differences, model_sha256
 from ..transforms import resize_mask_nearest
 from ..rerank.cache import shard_ids, shard_path, shard_provenance, write_shard
