@@ -26,6 +26,7 @@ paths on every node (a shared filesystem, or the same files copied to each node)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pickle
@@ -253,8 +254,8 @@ class _Replica:
         outcomes = []
         for item in self.pipe.iter_candidates(pairs, batch_size=self.batch_size):
             if isinstance(item, CandidateBatch):
-                targets = [members[i]["target"] for i in item.indices]
-                for i, fields in batch_fields(item, targets, self.pipe.config, self.protocol).items():
+                truths = [members[i]["target"] for i in item.indices]
+                for i, fields in batch_fields(item, truths, self.pipe.config, self.protocol).items():
                     outcomes.append((members[i]["ref"], "ok", {k: v.clone() for k, v in fields.items()}))
             else:
                 i, error = item
@@ -369,7 +370,7 @@ def run_extract(
     back in order, so the driver writes the shards (and their errors) in order, each as soon as all
     its pairs are back. Returns counts of pairs written, skipped and failed."""
     from .pipeline import plan_chunks
-    from .workflow.extract import check_extract_inputs, plan_extract, save_shard
+    from .workflow.extract import check_extract_inputs, ground_truth, plan_extract, save_shard
 
     check_extract_inputs(samples, protocol)
     state: Dict[str, Any] = {}
@@ -382,7 +383,7 @@ def run_extract(
             pairs = [(s.image, s.text, s.image_id or s.id) for s in job.samples]
             for chunk in plan_chunks(pairs, batch_size):
                 chunks.append({"groups": _groups(pairs, chunk, lambda i, job=job, j=j: {
-                    "ref": (j, i), "text": job.samples[i].text, "target": job.samples[i].target_mask})})
+                    "ref": (j, i), "text": job.samples[i].text, "target": functools.partial(ground_truth, job.samples[i])})})
         return chunks
 
     collected: Dict[int, Dict[int, dict]] = {}

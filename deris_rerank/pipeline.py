@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from .answers import Reranker, assemble_results
+from .answers import Reranker, assemble_results, is_set_reranker, resolve_answer
 from .candidates import QUERY_SOURCES, CandidateBatch, Candidates
 from .checkpoints import load_deris
 from .deris.loopback import BATCH_SEMANTICS
@@ -159,6 +159,10 @@ class Pipeline:
     operating_point: one of the re-ranker's stored operating points instead of its own rule
     (the calibrated re-ranker stores "tuned", its rule, and "conservative": fewer switches, at
     most ~1 % harmful on its tuning split); tau then overrides the threshold.
+    answer: "single" (one candidate) or "set" (none, one or several: "no object matches",
+    "all the red shapes"; from a set re-ranker, or DeRIS's own union answer without a
+    re-ranker); None: "set" for a set re-ranker or a GRES-trained DeRIS without one, else
+    "single" (see `answers`).
     """
 
     def __init__(
@@ -172,6 +176,7 @@ class Pipeline:
         batch_semantics: str = "per_sample",
         query_source: str = "perception",
         operating_point: Optional[str] = None,
+        answer: Optional[str] = None,
     ):
         check_settings(tau=tau, batch_semantics=batch_semantics, query_source=query_source)
         self.device = resolve_device(device)
@@ -195,6 +200,8 @@ class Pipeline:
             self.gate: Optional[Reranker] = gate.to(self.device).eval()
             if operating_point is not None:
                 self.gate.rule = named_rule(self.gate.operating_points, operating_point, f"the given {type(gate).__name__}")
+                if is_set_reranker(self.gate):
+                    self.gate.set_rule = self.gate.set_operating_points.get(operating_point, self.gate.set_rule)
             if tau is not None:
                 self.gate.rule = dataclasses.replace(self.gate.rule, tau=float(tau))
         else:
@@ -202,6 +209,7 @@ class Pipeline:
             self.gate = None if self.gate_path is None else load_gate(
                 self.gate_path, device=self.device, tau=tau, query_dim=self.config.hidden_dim, operating_point=operating_point
             )
+        self.answer = resolve_answer(answer, self.gate, self.config)
         if operating_point is not None and self.gate is None:
             raise InputError(f"operating point {operating_point!r} asks for a re-ranker, but this pipeline runs without one; "
                              "pass gate=... (--gate) or leave the operating point out")
@@ -395,7 +403,7 @@ class Pipeline:
     def _results(self, batch: CandidateBatch, pairs) -> List[Tuple[int, Result]]:
         """The re-ranker's decisions and the Results of one model run."""
         texts = [pairs[index][1] for index in batch.indices]
-        return assemble_results(batch, texts, self.gate, self.config, self.is_embedded_default)
+        return assemble_results(batch, texts, self.gate, self.config, self.is_embedded_default, self.answer)
 
 
 def _image_key(image: Any) -> Any:

@@ -14,16 +14,28 @@ from .rle import encode_mask
 from .visualize import candidate_grid, decision_overlay, save_png
 
 
+ANSWERS = ("single", "set")
+
+
 @dataclass
 class Result:
     """One pair's answer. Masks are NumPy bool arrays at the original image size [H, W].
 
     Candidates are listed by descending referring score: `scores[k]` is the k-th best, and
-    `slots[k]` its DeRIS query slot. `selected_rank` is the rank of the chosen candidate in that
-    list (0 = Query-0, DeRIS's own first choice); `switched` is True when the gate chose
-    another one. `p_fail` is the gate's failure probability (None without a gate).
+    `slots[k]` its DeRIS query slot. The answer is `answer` "single" (one candidate: the
+    referring-segmentation protocol) or "set" (any number of candidates: none when no object
+    matches the expression, several for "all the red shapes"). `selected_ranks` are the ranks
+    of the answer's candidates in that list (single: one rank) and `mask` their union (all
+    False for the empty set); `selected_rank` is the single answer's rank (0 = Query-0,
+    DeRIS's own first choice), for a set its best-scored member (None when empty).
+    `switched` is True when the answer differs from DeRIS's own: another candidate than
+    Query-0 (single), another set than DeRIS's own union answer (set). `p_fail` is the
+    re-ranker's failure probability (None without one); `p_no_target` a set re-ranker's
+    probability that nothing matches and `member_scores` (in the order of `scores`) its
+    membership probabilities (None otherwise).
     `deris_mask` is DeRIS's own answer as its post-processing defines it (union of the
-    candidates with score > threshold); `default_mask` is Query-0's own mask. `timings` are
+    candidates with score > threshold); `default_mask` is Query-0's own mask; `existence`
+    DeRIS's own probability that a referent exists. `timings` are
     milliseconds per stage; stages shared by several pairs (decoding, image features, batched
     model runs) are split evenly. `rerank_scores` (in the order of `scores`) is what the
     re-ranker ranked by: a calibrated re-ranker's fused logits, a Venice-H1 gate's predicted
@@ -37,7 +49,7 @@ class Result:
 
     text: str
     mask: np.ndarray
-    selected_rank: int
+    selected_rank: Optional[int]
     switched: bool
     p_fail: Optional[float]
     scores: List[float]
@@ -52,8 +64,23 @@ class Result:
     rerank_scores: Optional[List[float]] = None
     calibrated_scores: Optional[List[float]] = None
     retrieved_scores: Optional[List[float]] = None
+    answer: str = "single"
+    selected_ranks: Optional[List[int]] = None
+    p_no_target: Optional[float] = None
+    member_scores: Optional[List[float]] = None
     image: Optional[np.ndarray] = field(default=None, repr=False)
     _candidate_masks: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.answer not in ANSWERS:
+            raise ValueError(f"answer must be one of {ANSWERS}, got {self.answer!r}")
+        if self.selected_ranks is None:
+            self.selected_ranks = [] if self.selected_rank is None else [self.selected_rank]
+
+    @property
+    def object_count(self) -> int:
+        """How many candidates the answer holds (0: "no object matches"; a single answer: 1)."""
+        return len(self.selected_ranks)
 
     @property
     def image_size(self) -> Tuple[int, int]:
@@ -67,10 +94,17 @@ class Result:
 
     @property
     def notes(self) -> List[str]:
-        """Caveats about this answer in words (empty when there are none)."""
+        """The answer and its caveats in words: no object, several objects, an empty mask,
+        unknown words, truncation, the embedded default (empty when there is nothing to say)."""
+        from .tokenizer import shorten_text
+
         notes = []
-        if self.mask_empty:
+        if self.answer == "set" and self.object_count == 0:
+            notes.append(f"no object matches {shorten_text(self.text)}")
+        elif self.mask_empty:
             notes.append("the chosen mask is empty: the model found nothing for this expression")
+        if self.answer == "set" and self.object_count > 1:
+            notes.append(f"{self.object_count} objects match {shorten_text(self.text)}")
         if self.unknown_words:
             notes.append("words unknown to the model (read as one unknown token): " + ", ".join(self.unknown_words))
         if self.truncated_to_tokens is not None:
@@ -85,14 +119,9 @@ class Result:
         return self.slots[0]
 
     @property
-    def selected(self) -> int:
-        """The same as `selected_rank` (the name of earlier versions and of the JSON field)."""
-        return self.selected_rank
-
-    @property
-    def selected_slot(self) -> int:
-        """DeRIS query slot of the chosen candidate."""
-        return self.slots[self.selected_rank]
+    def selected_slot(self) -> Optional[int]:
+        """DeRIS query slot of `selected_rank` (None when the answer is empty)."""
+        return None if self.selected_rank is None else self.slots[self.selected_rank]
 
     @property
     def candidates(self) -> np.ndarray:
@@ -108,12 +137,17 @@ class Result:
         return {
             "text": self.text,
             "image_size": list(self.image_size),
-            "selected": self.selected_rank,  # the rank by score (0 = Query-0), as `selected_rank`
+            "answer": self.answer,
+            "selected": self.selected_rank,  # the rank by score (0 = Query-0), as `selected_rank`; null: no object
             "selected_slot": self.selected_slot,
+            "selected_set": self.selected_ranks,
+            "objects": self.object_count,
             "default_index": self.default_index,
             "switched": self.switched,
             "p_fail": self.p_fail,
+            "p_no_target": self.p_no_target,
             "scores": self.scores,
+            "member_scores": self.member_scores,
             "rerank_scores": self.rerank_scores,
             "calibrated_scores": self.calibrated_scores,
             "retrieved_scores": self.retrieved_scores,
@@ -132,7 +166,7 @@ class Result:
 
     def save(self, folder: str | Path, name: str = "result", candidates: bool = False) -> Dict[str, Path]:
         """Write `<name>_mask.png` (0/255), `<name>.json`, and with the image `<name>_overlay.png`
-        (the selected mask in a contrasting colour; DeRIS's default outlined when the gate switched;
+        (the answer's mask in a contrasting colour; DeRIS's own answer outlined when it differs;
         a legend) and, with
         candidates=True, `<name>_candidates.png`. Returns the written paths by kind."""
         folder = Path(folder)
@@ -143,12 +177,13 @@ class Result:
         written = {"mask": folder / f"{name}_mask.png", "json": folder / f"{name}.json"}
         save_png(written["mask"], self.mask)
         if self.image is not None:
-            outline = self.default_mask if self.switched else None
+            deris_answer = self.deris_mask if self.answer == "set" else self.default_mask
+            outline = deris_answer if self.switched and deris_answer.any() else None
             written["overlay"] = folder / f"{name}_overlay.png"
             save_png(written["overlay"], decision_overlay(self.image, self.mask, outline))
             if candidates:
                 written["candidates"] = folder / f"{name}_candidates.png"
-                grid = candidate_grid(self.image, self.candidates, self.scores, self.selected_rank, 0)
+                grid = candidate_grid(self.image, self.candidates, self.scores, self.selected_ranks, 0)
                 save_png(written["candidates"], grid)
         text = json.dumps(self.to_json(), indent=2) + "\n"
         try:

@@ -45,7 +45,12 @@ class CalibratedSettings(GateTrainingSettings):
     """Every knob of the calibrated recipe, beyond those it shares with the Venice-H1 recipe.
 
     retrieval: k of the retrieval memory (0 = no memory, the default); the other retrieval_* and
-    memory_* fields (RETRIEVAL_SETTINGS) say how it is built (see `workflow.retrieval`)."""
+    memory_* fields (RETRIEVAL_SETTINGS) say how it is built (see `workflow.retrieval`).
+    sets: train a set re-ranker (answers of no object or several; needs caches extracted with the
+    set fields, e.g. RefShapes in gres mode); set_existence / set_overlap: its optional inputs;
+    member_weight / kind_weight: its two extra losses; set_max_harmful / set_conservative_harmful:
+    the budgets (%) of its "tuned" and "conservative" set points, harmful meaning an answer more
+    than 0.01 IoU below DeRIS's own union answer."""
 
     target_temperature: float = 0.05
     aux_weight: float = 0.5
@@ -64,10 +69,17 @@ class CalibratedSettings(GateTrainingSettings):
     retrieval_values: str = "gain"
     retrieval_temperature: float = 0.1
     memory_dtype: str = "float16"
+    sets: bool = False
+    set_existence: bool = False
+    set_overlap: bool = False
+    member_weight: float = 1.0
+    kind_weight: float = 1.0
+    set_max_harmful: float = 8.0
+    set_conservative_harmful: float = 3.0
 
 
 # how operating points are picked on the tuning split (retune); add-memory also draws its memory with the seed
-POINT_RULE_SETTINGS = ("max_harmful", "conservative_harmful", "harm_confidence")
+POINT_RULE_SETTINGS = ("max_harmful", "conservative_harmful", "harm_confidence", "set_max_harmful", "set_conservative_harmful")
 POINT_SETTINGS = ("seed", *POINT_RULE_SETTINGS)
 RETRIEVAL_SETTINGS = ("retrieval", "memory_size", "memory_source", "retrieval_keys", "retrieval_values",
                       "retrieval_temperature", "memory_dtype")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import cv2
 import numpy as np
@@ -156,7 +156,7 @@ def candidate_grid(
     image_rgb: np.ndarray,
     masks: np.ndarray,
     scores: Sequence[float],
-    selected: int,
+    selected: Union[int, Sequence[int]],
     default: int,
     columns: int = 5,
     tile: int = 256,
@@ -164,8 +164,8 @@ def candidate_grid(
     """All candidates side by side, one `tile` x `tile` cell each, row-major by index.
 
     image_rgb: uint8 [H, W, 3] RGB. masks: bool [N, H, W]. scores: N floats (DeRIS's).
-    selected, default: candidate indices of the final choice (framed in green) and of
-    DeRIS's default (labelled "default"). Each cell holds the image, resized to `tile` px
+    selected: the index of the final choice, or the indices of a set answer (possibly none),
+    each framed in green; default: DeRIS's default (labelled "default"). Each cell holds the image, resized to `tile` px
     on its long side and centred, with that candidate's mask overlaid and the label
     "#index score". Returns uint8 [ceil(N / c) * tile, c * tile, 3] with c = min(columns, N).
     """
@@ -176,7 +176,8 @@ def candidate_grid(
         raise InputError(f"masks must be [N, H, W] with N >= 1 and the image's H, W, got {list(masks.shape)}")
     if len(scores) != count:
         raise InputError(f"got {len(scores)} scores for {count} masks")
-    for name, index in (("selected", selected), ("default", default)):
+    chosen = {selected} if isinstance(selected, (int, np.integer)) else set(selected)
+    for name, index in [*(("selected", index) for index in sorted(chosen)), ("default", default)]:
         if not 0 <= index < count:
             raise InputError(f"{name} index {index} is out of range for {count} candidates")
     if columns < 1 or tile < 16:
@@ -195,7 +196,7 @@ def candidate_grid(
         cell = np.empty((tile, tile, 3), np.uint8)
         cell[:] = TILE_BACKGROUND
         cell[top:top + height, left:left + width] = overlay(small_image, small_mask.astype(bool))
-        if index == selected:
+        if index in chosen:
             cv2.rectangle(cell, (0, 0), (tile - 1, tile - 1), SELECTED_FRAME_COLOR, 2 * frame_px)
         else:
             cv2.rectangle(cell, (0, 0), (tile - 1, tile - 1), TILE_FRAME_COLOR, 1)

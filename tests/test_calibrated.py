@@ -131,7 +131,7 @@ def _gate_data(text: bool, pairs: int = 12) -> GateData:
     rows = torch.arange(pairs) % B
     ious = torch.rand(pairs, N, generator=torch.Generator().manual_seed(7))
     return GateData(args[0][rows], args[1][rows], args[2][rows], args[3][rows], ious, torch.zeros(pairs, N, dtype=torch.long),
-                    torch.ones(pairs, N, dtype=torch.long), torch.zeros(pairs), [str(i) for i in range(pairs)],
+                    torch.ones(pairs, N, dtype=torch.long), torch.zeros(pairs), torch.ones(pairs), [str(i) for i in range(pairs)],
                     ["old-cache"] * pairs, text=ctx.select(rows) if text else None)
 
 

@@ -82,7 +82,7 @@ def test_pipeline_from_hf_paths_gives_the_default_pipelines_result(hub_cache):
     assert pipe.deris_path == snapshot / "deris-tiny" and pipe.gate_path == snapshot / "deris-tiny" / "gate.safetensors"
     assert not pipe.is_embedded_default
     assert np.array_equal(result.mask, default.mask) and result.mask.any()
-    assert (result.selected, result.switched) == (default.selected, default.switched)
+    assert (result.selected_rank, result.switched) == (default.selected_rank, default.switched)
     assert result.p_fail == default.p_fail and np.array_equal(result.scores, default.scores)
 
 
@@ -189,7 +189,7 @@ def test_cli_takes_hf_paths_and_reports_a_missing_one_in_one_line(hub_cache, tmp
                           "--text", TEXT, "--out", str(tmp_path), "--json", "--device", "cpu"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     _, default = segment()
-    assert json.loads(run.stdout)["selected"] == default.selected and (tmp_path / "shapes_mask.png").is_file()
+    assert json.loads(run.stdout)["selected"] == default.selected_rank and (tmp_path / "shapes_mask.png").is_file()
     missing = f"{ROOT}/deris-tiny/missing.safetensors"
     assert cli.main(["segment", "--deris", missing, "--image", str(IMAGE), "--text", TEXT, "--device", "cpu"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()

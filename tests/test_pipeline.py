@@ -71,7 +71,7 @@ def test_gate_switches_and_keeps(tiny_model_dir, photo):
     switched = [r.switched for r in eager(photo[0], texts)]
     assert any(switched)  # tau 0 with a random gate: some alternative is predicted better
     kept = never(photo[0], texts)
-    assert not any(r.switched for r in kept) and all(r.selected == 0 for r in kept)
+    assert not any(r.switched for r in kept) and all(r.selected_rank == 0 for r in kept)
     for r in kept:
         assert np.array_equal(r.mask, r.default_mask)
 
@@ -85,7 +85,7 @@ def test_many_texts_reuse_the_image_and_match_single_calls(pipe, photo, monkeypa
     together = pipe(photo[0], texts)
     assert calls == [1]  # one image through Swin + pixel decoder, for three texts
     for one, many in zip(singles, together):
-        assert np.array_equal(one.mask, many.mask) and one.selected == many.selected
+        assert np.array_equal(one.mask, many.mask) and one.selected_rank == many.selected_rank
         assert np.allclose(one.scores, many.scores, atol=1e-5)
 
 
@@ -99,7 +99,7 @@ def test_batch_groups_by_image_and_keeps_order(pipe, photo, monkeypatch):
     assert calls == [2]  # both images encoded once, together
     assert [r.text for r in results] == [t for _, t in pairs]
     for want, got in zip(expected, results):
-        assert want.selected == got.selected and np.allclose(want.scores, got.scores, rtol=0, atol=1e-5)
+        assert want.selected_rank == got.selected_rank and np.allclose(want.scores, got.scores, rtol=0, atol=1e-5)
     # The same candidates alone and in a batch of 4. Per-sample semantics make them equal in
     # exact arithmetic (float64: bit-identical); in float32 a batched matmul sums in another
     # order, so logits differ in the last bits (~1e-6), and a pixel within that of the
@@ -153,7 +153,7 @@ def test_json_and_save(pipe, photo, tmp_path):
     data = json.loads(json.dumps(result.to_json()))
     assert np.array_equal(decode_mask(data["mask"]), result.mask)
     assert np.array_equal(decode_mask(data["deris_mask"]), result.deris_mask)
-    assert data["selected"] == result.selected and data["scores"] == result.scores
+    assert data["selected"] == result.selected_rank and data["scores"] == result.scores
     assert set(data["timings_ms"]) >= {"load", "swin", "pixel_decoder", "beit3", "decoder", "signatures", "gate"}
     assert all(v >= 0 for v in data["timings_ms"].values())
     written = result.save(tmp_path / "out", candidates=True)
@@ -168,7 +168,7 @@ def test_candidates_are_lazy_and_consistent(pipe, photo):
     assert callable(result._candidate_masks)
     candidates = result.candidates
     assert candidates.shape == (10, 200, 300) and candidates.dtype == bool
-    assert np.array_equal(candidates[result.selected], result.mask)
+    assert np.array_equal(candidates[result.selected_rank], result.mask)
     assert np.array_equal(candidates[0], result.default_mask)
 
 
@@ -198,7 +198,7 @@ def test_without_a_gate_the_answer_is_query_0(tiny_model_dir, photo, monkeypatch
         plain = Pipeline(deris=tiny_model_dir / "deris", device="cpu")
     assert plain.gate is None and any("no Venice-H1 gate" in str(w.message) for w in caught)
     result = plain(photo[0], "man on the left")
-    assert result.p_fail is None and not result.switched and result.selected == 0
+    assert result.p_fail is None and not result.switched and result.selected_rank == 0
     assert np.array_equal(result.mask, result.default_mask)
 
 
@@ -270,7 +270,7 @@ def test_an_encoded_image_gives_the_same_results_without_encoding_again(pipe, ph
     assert calls == []  # Swin and the pixel decoder did not run again
     for want, got in [(expected_one, one), *zip(expected_many, many)]:
         assert np.array_equal(want.mask, got.mask) and np.array_equal(want.deris_mask, got.deris_mask)
-        assert want.scores == got.scores and want.selected == got.selected and want.p_fail == got.p_fail
+        assert want.scores == got.scores and want.selected_rank == got.selected_rank and want.p_fail == got.p_fail
     # mixed with a plain image in one batch: only the plain one is encoded
     mixed = pipe.batch([(encoded, texts[1]), (photo[1], texts[1])], batch_size=2)
     assert calls == [1] and np.allclose(mixed[0].scores, expected_many[1].scores, rtol=0, atol=1e-5)

@@ -79,8 +79,8 @@ def test_permuting_candidates_permutes_the_retrieved_values():
     moved_args = tuple(x[:, perm] for x in args)
     moved_text = TextContext(text.refer_logits[:, perm], text.cognition_embed[:, perm], text.text_feat, text.text_padding)
     base, moved = model.outputs(*args, text), model.outputs(*moved_args, moved_text)
-    assert torch.allclose(moved[4], base[4][:, perm], atol=1e-5)  # retrieved
-    assert torch.allclose(moved[2], base[2][:, perm], atol=1e-5)  # the ensemble
+    assert torch.allclose(moved.retrieved, base.retrieved[:, perm], atol=1e-5)
+    assert torch.allclose(moved.fused, base.fused[:, perm], atol=1e-5)  # the ensemble
     a, b = model.decide(*args, text=text), model.decide(*moved_args, text=moved_text)
     assert torch.equal(perm[b.selected], a.selected) and torch.allclose(b.retrieved, a.retrieved[:, perm], atol=1e-5)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,6 +21,8 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     config = DerisConfig.preset(args.preset)
+    if args.refshapes_mode == "gres":  # trained for expressions with no referent or several: it says so in its config
+        config = dataclasses.replace(config, task="gres")
     size = (config.image_size, config.image_size)
     dataset = RefShapes("train", num_images=args.train_images, seed=args.seed, image_size=size, mode=args.refshapes_mode)
     tokenizer = local_path(args.tokenizer) if args.tokenizer else out / "tokenizer.model"

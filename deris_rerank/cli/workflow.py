@@ -40,6 +40,18 @@ POINT_FLAGS = dict(
     conservative_harmful=dict(type=float, help="harmful-switch budget (%%) of the 'conservative' point (default 1)"),
     harm_confidence=dict(type=float, help="a point's harmful rate on --tune must stay within its budget at this one-sided "
                          "confidence (Wilson bound; default 0.95; 0 = the measured rate itself)"),
+    set_max_harmful=dict(type=float, help="set re-rankers: budget (%%) of answers more than 0.01 IoU below DeRIS's own "
+                         "union answer, for the 'tuned' set point (default 8)"),
+    set_conservative_harmful=dict(type=float, help="set re-rankers: the same budget for the 'conservative' set point (default 3)"),
+)
+SET_FLAGS = dict(
+    sets=dict(action=argparse.BooleanOptionalAction, help="a set re-ranker: answers may be no object or several (GRES; "
+              "needs caches with the set fields, e.g. extract --refshapes-mode gres; default off)"),
+    set_existence=dict(action=argparse.BooleanOptionalAction, help="set re-ranker input: DeRIS's existence logit (default off)"),
+    set_overlap=dict(action=argparse.BooleanOptionalAction, help="set re-ranker input: each candidate's overlap with the "
+                     "others (default off)"),
+    member_weight=dict(type=float, help="set re-ranker: weight of the membership loss (default 1)"),
+    kind_weight=dict(type=float, help="set re-ranker: weight of the no-object / one / several loss (default 1)"),
 )
 
 
@@ -151,14 +163,21 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
 
 
 def train_calibrated_from_args(args: argparse.Namespace, device) -> int:
+    from ..errors import InputError
     from ..rerank.files import save_calibrated
-    from ..workflow.train_calibrated import choose_operating_points, settings_record, train_calibrated
+    from ..workflow.train_calibrated import pick_points, settings_record, train_calibrated
     from ..rerank.gate_data import load_gate_data
 
     settings = settings_from_args(args, CalibratedSettings)
+    if settings.sets and settings.retrieval:
+        raise InputError("--retrieval is for single-candidate re-rankers; leave it out with --sets")
+    if (settings.set_existence or settings.set_overlap) and not settings.sets:
+        raise InputError("--set-existence and --set-overlap are inputs of a set re-ranker: add --sets")
     train = load_gate_data([Path(p) for p in args.train])
-    tune = load_gate_data([Path(p) for p in args.tune])
+    tune = load_gate_data([Path(p) for p in args.tune], masks=settings.sets)
     tune.require_text()
+    if settings.sets:
+        tune.require_sets(masks=True)
     reranker = train_calibrated(train, settings, device=device, log=training_log(args), monitor=None if args.quiet else tune)
     if settings.retrieval:
         from ..workflow.retrieval import choose_retrieval
@@ -166,10 +185,11 @@ def train_calibrated_from_args(args: argparse.Namespace, device) -> int:
         memory, reranker.rule, reranker.operating_points, tuned = choose_retrieval(reranker, tune, settings, train=train)
         reranker.attach_memory(memory)
     else:
-        reranker.rule, reranker.operating_points, tuned = choose_operating_points(reranker, tune, settings)
+        tuned = pick_points(reranker, tune, settings)
     written = save_calibrated(reranker.cpu(), args.out, extra={**settings_record(settings), "tuning": tuned})
-    print(json.dumps({"gate": str(written), "rule": reranker.settings()["rule"],
-                      "operating_points": reranker.settings()["operating_points"], **tuned}))
+    shown = {key: reranker.settings()[key] for key in ("rule", "operating_points", "set_rule", "set_operating_points")
+             if key in reranker.settings()}
+    print(json.dumps({"gate": str(written), **shown, **tuned}))
     return 0
 
 
@@ -194,9 +214,11 @@ def save_beside_sidecar(reranker, gate_path: Path, out: str, extra: dict, summar
     from ..rerank.files import save_calibrated
 
     sidecar = read_json(gate_path.with_suffix(".json"), "gate settings")
-    kept = {k: v for k, v in sidecar.items() if k not in ("format", "format_version", "config", "rule", "operating_points", "retrieval")}
+    kept = {k: v for k, v in sidecar.items() if k not in ("format", "format_version", "config", "rule", "operating_points", "retrieval",
+                                                    "set_rule", "set_operating_points")}
     written = save_calibrated(reranker, out, extra={**kept, **extra})
-    shown = {key: reranker.settings()[key] for key in ("rule", "retrieval", "operating_points") if key in reranker.settings()}
+    shown = {key: reranker.settings()[key] for key in ("rule", "retrieval", "operating_points", "set_rule", "set_operating_points")
+             if key in reranker.settings()}
     print(json.dumps({"gate": str(written), **shown, **summary}))
     return 0
 
@@ -223,12 +245,12 @@ def cmd_add_memory(args: argparse.Namespace) -> int:
 def cmd_retune(args: argparse.Namespace) -> int:
     """Re-pick a calibrated re-ranker's operating points on --tune; its weights (and memory) stay as they are."""
     from ..rerank.gate_data import load_gate_data
-    from ..workflow.train_calibrated import choose_operating_points
+    from ..workflow.train_calibrated import pick_points
 
     picked_with = {name: getattr(args, name) for name in POINT_RULE_SETTINGS}
     gate_path, reranker = load_calibrated_for(args.gate, "re-picking operating points")
-    tune = load_gate_data([Path(p) for p in args.tune])
-    reranker.rule, reranker.operating_points, tuned = choose_operating_points(reranker, tune, CalibratedSettings(**picked_with))
+    tune = load_gate_data([Path(p) for p in args.tune], masks=reranker.config.sets)
+    tuned = pick_points(reranker, tune, CalibratedSettings(**picked_with))
     return save_beside_sidecar(reranker, gate_path, args.out, {"retuning": picked_with, "tuning": tuned}, tuned)
 
 
@@ -238,7 +260,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..workflow.evaluate import evaluate_caches, markdown
 
     gates = {Path(path).stem: load_gate(path, tau=args.tau, operating_point=args.operating_point) for path in args.gate or []}
-    report = evaluate_caches([Path(p) for p in args.cache], next(iter(gates.values()), None), Path(args.out))
+    report = evaluate_caches([Path(p) for p in args.cache], next(iter(gates.values()), None), Path(args.out),
+                             set_gates=gates, tune_paths=[Path(p) for p in args.tune or []])
     print(markdown(report))
     if len(gates) > 1:
         from ..fileio import atomic_write
@@ -307,7 +330,7 @@ def add_commands(commands) -> None:
                                           "to --dropout)")
     add_settings_flags(calibrated, CalibratedSettings, skip=SHARED_SETTINGS, fusion=dict(
         choices=list(FUSIONS), help="learned: DeRIS's log-score + a learned weight x the calibrated logit (default); "
-        "none: the calibrated logit alone"), **POINT_FLAGS, **RETRIEVAL_FLAGS)
+        "none: the calibrated logit alone"), **POINT_FLAGS, **RETRIEVAL_FLAGS, **SET_FLAGS)
     add_training_run_flags(train)
     train.set_defaults(run=cmd_train_gate)
 
@@ -346,5 +369,7 @@ def add_commands(commands) -> None:
                           "several: the tables are for the first, and OUT/ablation.md compares them all")
     add_tau(evaluate)
     add_operating_point(evaluate)
+    evaluate.add_argument("--tune", nargs="+", help="tuning caches (not the evaluation split): for GRES caches, the set "
+                          "table adds DeRIS's union answer at its best threshold on them")
     evaluate.add_argument("--out", required=True, help="report folder")
     evaluate.set_defaults(run=cmd_evaluate)

@@ -138,6 +138,20 @@ def _segmentation_parts(segmentation: Any, where: str) -> Tuple[list, list]:
     )
 
 
+def _decode_instances(parts: Sequence[Tuple[list, list]], size: Optional[Tuple[int, int]], image: Path, where: str) -> np.ndarray:
+    """bool [K, H, W]: each referred instance's mask (`parts`: its polygons and RLEs), decoded as `_decode_target`."""
+    masks = [_decode_target(polygons, rles, size, image, where) for polygons, rles in parts]
+    if masks:
+        return np.stack(masks)
+    height, width = size if size is not None else load_image(image).shape[:2]
+    return np.zeros((0, height, width), dtype=bool)
+
+
+def _instance_masks(parts: Sequence[Tuple[list, list]], size: Optional[Tuple[int, int]], image: Path, where: str):
+    """A picklable no-argument function returning the instances' masks (see `_decode_instances`)."""
+    return functools.partial(_decode_instances, list(parts), size, image, where)
+
+
 def _target_mask(polygons: list, rles: list, size: Optional[Tuple[int, int]], image: Path, where: str):
     """A picklable no-argument function returning the target mask (DataLoader workers get
     samples by pickling). With polygons, a missing pycocotools fails here, at read time."""
@@ -303,7 +317,7 @@ def _grefcoco_samples(entries: List[Any], path: Path, images_dir: Path, split: s
         instances = _field(entry, "annotations", where)
         if not isinstance(instances, list):
             raise InputError(f"{where}: annotations must be a list, got {type(instances).__name__}")
-        polygons, rles, num_targets = [], [], 0
+        polygons, rles, parts = [], [], []
         for position, instance in enumerate(instances):
             if not isinstance(instance, dict):
                 raise InputError(f"{where}: annotations[{position}] must be an object, got {type(instance).__name__}")
@@ -313,12 +327,13 @@ def _grefcoco_samples(entries: List[Any], path: Path, images_dir: Path, split: s
             instance_polygons, instance_rles = _segmentation_parts(segmentation, where)
             polygons += instance_polygons
             rles += instance_rles
-            num_targets += 1
+            parts.append((instance_polygons, instance_rles))
         target_mask = _target_mask(polygons, rles, _size(entry, where), image, where)
+        instance_masks = _instance_masks(parts, _size(entry, where), image, where)
         for k, text in enumerate(texts):
             samples.append(ReferringSample(
                 id=f"{_safe(split)}_{index}_{k}", split=split, image=image, text=text,
-                target_mask=target_mask, image_id=str(image_id), num_targets=num_targets,
+                target_mask=target_mask, image_id=str(image_id), num_targets=len(parts), instance_masks=instance_masks,
             ))
     return samples
 
@@ -443,7 +458,7 @@ def _refer_samples(refs_path: Path, images_dir: Path, split: str) -> List[Referr
         image = _image_path(images_dir, _field(image_record, "file_name", image_where), image_where)
         ann_ids = _field(ref, "ann_id", where)
         ann_ids = [ann_id for ann_id in (ann_ids if isinstance(ann_ids, list) else [ann_ids]) if ann_id != -1]
-        polygons, rles, num_targets = [], [], 0
+        polygons, rles, parts = [], [], []
         for ann_id in ann_ids:
             annotation = _record(annotations, ann_id, f"{where}: ann_id", instances_path)
             if generalized and annotation.get("iscrowd"):
@@ -452,8 +467,9 @@ def _refer_samples(refs_path: Path, images_dir: Path, split: str) -> List[Referr
             ann_polygons, ann_rles = _segmentation_parts(_field(annotation, "segmentation", ann_where), ann_where)
             polygons += ann_polygons
             rles += ann_rles
-            num_targets += 1
+            parts.append((ann_polygons, ann_rles))
         target_mask = _target_mask(polygons, rles, _size(image_record, image_where), image, where)
+        instance_masks = _instance_masks(parts, _size(image_record, image_where), image, where)
         sentences = _field(ref, "sentences", where)
         if not isinstance(sentences, list):
             raise InputError(f"{where}: sentences must be a list")
@@ -464,7 +480,7 @@ def _refer_samples(refs_path: Path, images_dir: Path, split: str) -> List[Referr
                 raise InputError(f"{sentence_where}: expected an object with a 'raw' (or 'sent') string")
             samples.append(ReferringSample(
                 id=f"{_safe(split)}_{_safe(ref_id)}_{k}", split=split, image=image, text=text,
-                target_mask=target_mask, image_id=str(image_id), num_targets=num_targets,
+                target_mask=target_mask, image_id=str(image_id), num_targets=len(parts), instance_masks=instance_masks,
             ))
     return samples
 

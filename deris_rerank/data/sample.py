@@ -19,6 +19,9 @@ class ReferringSample:
     text: the referring expression. target_mask: function returning bool [H, W] at the
     original image size, the union of all referred objects (all False when nothing is referred).
     image_id: the image this pair belongs to (pairs sharing it can share image work).
+    num_targets: how many objects the expression refers to (0 = none), when the data says.
+    instance_masks: function returning bool [K, H, W], the K = num_targets referred objects one
+    by one (their union is the target mask), when the data has instance masks; else None.
     """
 
     id: str
@@ -28,6 +31,7 @@ class ReferringSample:
     target_mask: Callable[[], np.ndarray] = field(repr=False, compare=False)
     image_id: str = ""
     num_targets: Optional[int] = None
+    instance_masks: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False, compare=False)
 
     def load_image(self) -> np.ndarray:
         """uint8 [H, W, 3] RGB, decoded as the pipeline decodes files."""

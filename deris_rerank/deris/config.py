@@ -51,6 +51,9 @@ class Beit3Config:
         return (self.img_size // self.patch_size) ** 2
 
 
+TASKS = ("ris", "gres")
+
+
 @dataclass(frozen=True)
 class DerisConfig:
     """A whole DeRIS model. `hidden_dim` is C: pixel-decoder conv/mask dim and decoder width."""
@@ -74,6 +77,7 @@ class DerisConfig:
     decoder_ffn: int = 2048
     aligner_layers: int = 3
     aligner_ffn: int = 512
+    task: str = "ris"  # what it was trained for: "ris" (one referent) or "gres" (none, one or several); not architecture
 
     @property
     def image_size_lo(self) -> int:
@@ -84,6 +88,10 @@ class DerisConfig:
     def loopback_rounds(self) -> int:
         """One round on the initial queries plus one after each decoder layer."""
         return self.decoder_layers + 1
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise CheckpointError(f"DeRIS config task must be one of {', '.join(TASKS)}, got {self.task!r}")
 
     @classmethod
     def preset(cls, name: str) -> "DerisConfig":
@@ -157,9 +165,9 @@ DERIS_TINY = DerisConfig(
 PRESETS: Dict[str, DerisConfig] = {
     "deris-l-refcoco": DerisConfig("deris-l-refcoco", _SWIN_B, _BEIT3_LARGE),
     "deris-b-refcoco": DerisConfig("deris-b-refcoco", _SWIN_S, _BEIT3_BASE),
-    "deris-l-grefcoco": DerisConfig("deris-l-grefcoco", _SWIN_B, _BEIT3_LARGE, num_queries=20, max_tokens=50),
+    "deris-l-grefcoco": DerisConfig("deris-l-grefcoco", _SWIN_B, _BEIT3_LARGE, num_queries=20, max_tokens=50, task="gres"),
     "deris-b-grefcoco": DerisConfig(
-        "deris-b-grefcoco", _SWIN_S, _BEIT3_BASE, num_queries=20, max_tokens=50, score_threshold=0.7
+        "deris-b-grefcoco", _SWIN_S, _BEIT3_BASE, num_queries=20, max_tokens=50, score_threshold=0.7, task="gres"
     ),
     "deris-tiny": DERIS_TINY,
 }

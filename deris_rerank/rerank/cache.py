@@ -13,7 +13,14 @@ and for text-aware re-rankers (caches written before these existed lack them):
 refer_logits [M, N, K] (DeRIS's raw referring logits), cognition_feat [M, N, D] (the
 cognition branch's per-candidate embeddings), text_feat [M, T, D] (the expression's cognition
 token features, T = the model's max_tokens), text_padding [M, T] (uint8, 1 = padding) and
-text_pooled [M, D] (mean of text_feat over the non-padding tokens).
+text_pooled [M, D] (mean of text_feat over the non-padding tokens);
+and for set answers (GRES; caches written before these existed lack them): query_area [M, N]
+and target_area [M] (int64 pixel counts at the IoU protocol's size, so query_inter / query_area
+is the share of a candidate inside the target), num_targets [M] (int64, -1 = unknown),
+query_instance [M, N] (int64: the referred instance a candidate overlaps most, by IoU; -1 =
+none or no instance masks) with its IoU query_instance_iou [M, N], and the masks bit-packed at
+S x S pixels (S = the provenance's set_mask_size; `bitmasks`): query_masks [M, N, ceil(S*S/8)]
+and target_mask_packed [M, ceil(S*S/8)] (uint8).
 The shard's safetensors metadata holds `ids` (JSON list, one per pair) and `provenance`
 (JSON: checkpoint hash, config, package version, IoU protocol, query source).
 """
@@ -58,8 +65,9 @@ def shard_provenance(path: Path) -> dict:
         return json.loads((handle.metadata() or {}).get("provenance", "{}"))
 
 
-def read_cache(paths: Sequence[Path]) -> Tuple[Dict[str, np.ndarray], List[str], List[dict]]:
-    """Concatenate the shards under `paths` (split folders or shard files), in shard order.
+def read_cache(paths: Sequence[Path], skip: Sequence[str] = ()) -> Tuple[Dict[str, np.ndarray], List[str], List[dict]]:
+    """Concatenate the shards under `paths` (split folders or shard files), in shard order,
+    leaving out the tensors named in `skip`.
 
     Returns (tensors as NumPy arrays, pair ids, the distinct provenance records).
     """
@@ -84,5 +92,6 @@ def read_cache(paths: Sequence[Path]) -> Tuple[Dict[str, np.ndarray], List[str],
             if record not in provenance:
                 provenance.append(record)
             for key in handle.keys():
-                parts.setdefault(key, []).append(handle.get_tensor(key))
+                if key not in skip:
+                    parts.setdefault(key, []).append(handle.get_tensor(key))
     return {k: np.concatenate(v) for k, v in parts.items()}, ids, provenance

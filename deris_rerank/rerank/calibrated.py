@@ -29,6 +29,17 @@ IoU-gain estimate r_i [B, N]; the ranking value becomes f_i + w_ret * r_i (w_ret
 memory's config). The failure head still reads f (what it was trained on). Without a memory, or
 with w_ret = 0, the decisions are exactly those of the network alone.
 
+Set answers (`sets=True`, trained on GRES data: the answer may be no object or several):
+    membership logit  m_i = member_head([c_i, c_i * mean(t)])               [B, N]
+    kind logits       k = kind_head(the failure head's summary, the sorted membership
+                      probabilities (detached), and DeRIS's existence logit when read)  [B, 3]
+                      over (no object, one, several)
+and `decide` applies `rerank.decision.apply_set_rule` after the single-candidate rule: no object,
+the members, or the single choice. Optional inputs (`set_inputs`): "existence" (DeRIS's
+existence logit, given to every candidate and to the kind head) and "overlap" (each candidate's
+largest soft IoU with another candidate and with a higher-scored one, from the 16 x 16 grids:
+duplicates of one object are common).
+
 Decision rule: Venice-H1's (`rerank.decision.apply_rule`) on the fused logits: the default is
 argmax(score) (Query-0); switch to argmax(fused) only if p_fail > tau and the best
 alternative's fused logit exceeds Query-0's by more than margin_pred (logit units). Because
@@ -43,14 +54,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
 from ..settings import FUSIONS
-from .decision import DecisionRule, GateDecision, apply_rule
+from .decision import DecisionRule, GateDecision, SetRule, apply_rule, apply_set_rule
 from .venice import N_MASK_STATS, check_input_shapes
 from .retrieval import RetrievalMemory, retrieval_keys
 from .signatures import GRID_FIELDS, GRID_SIGNATURE_DIM, GRID_SIZES
@@ -58,6 +69,8 @@ from .text_context import TextContext, pooled_text
 
 CALIBRATED = "calibrated"
 LOG_SCORE_FLOOR = 1e-12  # scores below it are ranked as equal by the DeRIS term of the fusion
+SET_INPUTS = ("existence", "overlap")
+N_KINDS = 3  # no object, one, several
 
 
 @dataclass(frozen=True)
@@ -79,13 +92,31 @@ class CalibratedConfig:
     flavour: str = CALIBRATED
     use_grid: bool = True
     grid_scales: Tuple[int, ...] = GRID_SIZES
+    sets: bool = False
+    set_inputs: Tuple[str, ...] = ()
 
     @property
     def feature_dim(self) -> int:
         """Per-candidate input width: query + cognition + 4 mask statistics + score + K logits + 675 grid
-        values (+ 4 geometry values)."""
+        values (+ 4 geometry values, + 1 existence logit, + 2 overlaps)."""
         geometry = GEOMETRY_DIM if self.geometry else 0
-        return self.query_dim + self.text_dim + N_MASK_STATS + 1 + self.n_classes + GRID_SIGNATURE_DIM + geometry
+        extra = ("existence" in self.set_inputs) + 2 * ("overlap" in self.set_inputs)
+        return self.query_dim + self.text_dim + N_MASK_STATS + 1 + self.n_classes + GRID_SIGNATURE_DIM + geometry + extra
+
+
+class RerankerOutputs(NamedTuple):
+    """A calibrated re-ranker's raw outputs for B pairs with N candidates: default_index [B]
+    (Query-0's slot), p_fail_logit [B], fused [B, N] (with a memory: the ensemble), calibrated
+    [B, N], retrieved [B, N] or None (no memory); for a set re-ranker member [B, N] membership
+    logits and kind [B, 3] logits over (no object, one, several), else None."""
+
+    default_index: Tensor
+    p_fail_logit: Tensor
+    fused: Tensor
+    calibrated: Tensor
+    retrieved: Optional[Tensor] = None
+    member: Optional[Tensor] = None
+    kind: Optional[Tensor] = None
 
 
 GEOMETRY_DIM = 4
@@ -104,6 +135,25 @@ def mask_geometry(grid_sigs: Tensor) -> Tensor:
     sx = (px * (cells - cx[..., None]) ** 2).sum(-1).clamp(min=0).sqrt()
     sy = (py * (cells - cy[..., None]) ** 2).sum(-1).clamp(min=0).sqrt()
     return torch.stack([cx, cy, sx, sy], dim=-1)
+
+
+def candidate_overlaps(grid_sigs: Tensor, scores: Tensor) -> Tensor:
+    """[..., N, 2]: each candidate's largest soft IoU (sum of minima / sum of maxima of the 16 x 16
+    mean grids) with any other candidate, and with any candidate of a higher score (0 if none)."""
+    grid = grid_sigs[..., _GRID16_START : _GRID16_START + 256]
+    inter = torch.minimum(grid[..., :, None, :], grid[..., None, :, :]).sum(-1)
+    union = torch.maximum(grid[..., :, None, :], grid[..., None, :, :]).sum(-1).clamp(min=1e-6)
+    soft_iou = inter / union  # [..., N, N]
+    n = grid.shape[-2]
+    others = soft_iou.masked_fill(torch.eye(n, dtype=torch.bool, device=grid.device), 0.0)
+    higher = scores[..., None, :] > scores[..., :, None]  # [i, j]: candidate j scores above i
+    return torch.stack([others.amax(dim=-1), others.masked_fill(~higher, 0.0).amax(dim=-1)], dim=-1)
+
+
+def existence_logit(existence: Tensor) -> Tensor:
+    """DeRIS's existence probability [...] back to a logit, clamped to +-20."""
+    p = existence.clamp(1e-9, 1 - 1e-9)
+    return (p.log() - (-p).log1p()).clamp(-20.0, 20.0)
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -149,17 +199,24 @@ class CalibratedReranker(nn.Module):
 
     `forward` gives the raw outputs, `decide` applies the decision rule. `rule` holds the
     operating point in use; `operating_points` the named ones stored with it ("tuned",
-    "conservative").
+    "conservative"). A set re-ranker (`config.sets`) also has `set_rule` and
+    `set_operating_points` (the same names).
     """
 
     reads_text = True
 
-    def __init__(self, config: CalibratedConfig, rule: DecisionRule, operating_points: Optional[Dict[str, DecisionRule]] = None):
+    def __init__(self, config: CalibratedConfig, rule: DecisionRule, operating_points: Optional[Dict[str, DecisionRule]] = None,
+                 set_rule: Optional[SetRule] = None, set_operating_points: Optional[Dict[str, SetRule]] = None):
         super().__init__()
         if config.fusion not in FUSIONS:
             raise InputError(f"fusion must be one of {FUSIONS}, got {config.fusion!r}")
+        unknown = sorted(set(config.set_inputs) - set(SET_INPUTS))
+        if unknown or (config.set_inputs and not config.sets):
+            raise InputError(f"set_inputs must be among {SET_INPUTS} and need sets=True, got {config.set_inputs!r}")
         self.config, self.rule = config, rule
         self.operating_points = dict(operating_points or {})
+        self.set_rule = (set_rule or SetRule()) if config.sets else None
+        self.set_operating_points = dict(set_operating_points or {}) if config.sets else {}
         h, n = config.hidden_dim, config.n_queries
         self.candidate_encoder = nn.Sequential(
             nn.LayerNorm(config.feature_dim), nn.Linear(config.feature_dim, h), nn.GELU(), nn.Linear(h, h)
@@ -173,43 +230,66 @@ class CalibratedReranker(nn.Module):
         self.failure_head = nn.Sequential(
             nn.Linear(4 * h + 2 * n + 1, h), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(h, h // 2), nn.GELU(), nn.Linear(h // 2, 1)
         )
+        if config.sets:
+            self.member_head = _mlp(2 * h, h, 1, config.dropout)
+            extra = "existence" in config.set_inputs
+            self.kind_head = nn.Sequential(nn.Linear(4 * h + 3 * n + 1 + extra, h), nn.GELU(), nn.Dropout(config.dropout), nn.Linear(h, N_KINDS))
         self.register_module("memory", None)  # a RetrievalMemory, when one is attached (`attach_memory`)
 
     # --- network ----------------------------------------------------------------------
-    def candidate_features(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext) -> Tensor:
-        """[B, N, feature_dim]: query, cognition, mask statistics, score, referring logits, grid (, geometry)."""
-        geometry = [mask_geometry(grid_sigs)] if self.config.geometry else []
-        return torch.cat([query_embed, text.cognition_embed, mask_stats, scores[..., None], text.refer_logits, grid_sigs, *geometry], dim=-1)
+    def candidate_features(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext, existence: Optional[Tensor] = None) -> Tensor:
+        """[B, N, feature_dim]: query, cognition, mask statistics, score, referring logits, grid (, geometry,
+        existence logit, overlaps)."""
+        extra = [mask_geometry(grid_sigs)] if self.config.geometry else []
+        if "existence" in self.config.set_inputs:
+            extra.append(existence_logit(self._required_existence(existence))[:, None, None].expand(-1, scores.shape[1], 1))
+        if "overlap" in self.config.set_inputs:
+            extra.append(candidate_overlaps(grid_sigs, scores))
+        return torch.cat([query_embed, text.cognition_embed, mask_stats, scores[..., None], text.refer_logits, grid_sigs, *extra], dim=-1)
 
-    def forward(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _required_existence(self, existence: Optional[Tensor]) -> Tensor:
+        if existence is None:
+            raise InputError("this set re-ranker reads DeRIS's existence probability: pass existence=[B] (Candidates.existence)")
+        return existence
+
+    def forward(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext, existence: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Raw outputs: (default_index [B], p_fail_logit [B], fused [B, N], calibrated [B, N]).
 
         query_embed [B, N, D], scores [B, N] referring probabilities, mask_stats [B, N, 4],
         grid_sigs [B, N, 675], text: `TextContext` (refer_logits [B, N, K], cognition_embed
-        [B, N, D], text_feat [B, T, D], text_padding bool [B, T]). With a memory, `fused` is the
-        ensemble fused + w_ret * retrieved (see `outputs`).
+        [B, N, D], text_feat [B, T, D], text_padding bool [B, T]), existence [B] DeRIS's
+        existence probability (read only by set re-rankers with the "existence" input). With a
+        memory, `fused` is the ensemble fused + w_ret * retrieved (see `outputs`).
         """
-        return self.outputs(query_embed, scores, mask_stats, grid_sigs, text)[:4]
+        return self.outputs(query_embed, scores, mask_stats, grid_sigs, text, existence)[:4]
 
-    def outputs(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext):
-        """`forward`'s four outputs and the retrieved estimates [B, N] (None without a memory)."""
-        cand, pooled = self.encode(query_embed, scores, mask_stats, grid_sigs, text)
-        calibrated = self.calibration_head(torch.cat([cand, cand * pooled[:, None]], dim=-1)).squeeze(-1)
+    def outputs(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext, existence: Optional[Tensor] = None) -> RerankerOutputs:
+        """Every raw output (`RerankerOutputs`); inputs as in `forward`."""
+        cand, pooled = self.encode(query_embed, scores, mask_stats, grid_sigs, text, existence)
+        joint = torch.cat([cand, cand * pooled[:, None]], dim=-1)  # each candidate with its match to the expression
+        calibrated = self.calibration_head(joint).squeeze(-1)
         fused = self.fuse(scores, calibrated)
         default_index = scores.argmax(dim=1)
-        p_fail_logit = self.failure_head(self._summary(cand, pooled, scores, fused, default_index)).squeeze(-1)
+        summary = self._summary(cand, pooled, scores, fused, default_index)
+        p_fail_logit = self.failure_head(summary).squeeze(-1)
+        member = kind = None
+        if self.config.sets:
+            member = self.member_head(joint).squeeze(-1)
+            sorted_members = member.detach().sigmoid().sort(dim=1, descending=True).values
+            extra = [existence_logit(self._required_existence(existence))[:, None]] if "existence" in self.config.set_inputs else []
+            kind = self.kind_head(torch.cat([summary, sorted_members, *extra], dim=-1))
         retrieved = None
         if self.memory is not None:
             retrieved = self.memory.lookup(retrieval_keys(cand, pooled, self.memory.config.keys))
             if self.memory.config.weight != 0:
                 fused = fused + self.memory.config.weight * retrieved
-        return default_index, p_fail_logit, fused, calibrated, retrieved
+        return RerankerOutputs(default_index, p_fail_logit, fused, calibrated, retrieved, member, kind)
 
-    def encode(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext) -> Tuple[Tensor, Tensor]:
+    def encode(self, query_embed, scores, mask_stats, grid_sigs, text: TextContext, existence: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """The learned representations: candidates after calibration and norm [B, N, H], and the
         pooled text [B, H] (zeros when the re-ranker reads no text). Inputs as in `forward`."""
         padding = _never_all_padding(text.text_padding)
-        cand = self.candidate_encoder(self.candidate_features(query_embed, scores, mask_stats, grid_sigs, text))
+        cand = self.candidate_encoder(self.candidate_features(query_embed, scores, mask_stats, grid_sigs, text, existence))
         tokens = self.text_encoder(text.text_feat)
         for layer in self.layers:
             cand, tokens = layer(cand, tokens, padding)
@@ -247,14 +327,23 @@ class CalibratedReranker(nn.Module):
 
     # --- decisions ----------------------------------------------------------------------
     @torch.no_grad()
-    def decide(self, query_embed, scores, mask_stats, grid_sigs, text: Optional[TextContext] = None) -> GateDecision:
+    def decide(self, query_embed, scores, mask_stats, grid_sigs, text: Optional[TextContext] = None,
+               existence: Optional[Tensor] = None) -> GateDecision:
         """Run the re-ranker and apply its rule. Shapes as in `forward`; `rank` = fused logit (with
         retrieval: the ensemble) minus Query-0's; `calibrated` = the calibrated logits [B, N];
-        `retrieved` = the retrieved estimates [B, N] (None without a memory)."""
+        `retrieved` = the retrieved estimates [B, N] (None without a memory). A set re-ranker also
+        gives `chosen` (bool [B, N], the answer's candidates by `set_rule`), `p_none`, `p_several`
+        and `member` (membership probabilities [B, N])."""
         inputs = self._checked_inputs(query_embed, scores, mask_stats, grid_sigs, text)
-        default_index, p_fail_logit, fused, calibrated, retrieved = self.outputs(*inputs)
-        decision = apply_rule(self.rule, default_index, p_fail_logit, fused)
-        return dataclasses.replace(decision, calibrated=calibrated, retrieved=retrieved)
+        if existence is not None:
+            existence = existence.to(device=inputs[0].device, dtype=inputs[0].dtype)
+        out = self.outputs(*inputs, existence)
+        decision = dataclasses.replace(apply_rule(self.rule, out.default_index, out.p_fail_logit, out.fused),
+                                       calibrated=out.calibrated, retrieved=out.retrieved)
+        if not self.config.sets:
+            return decision
+        chosen, p_none, p_several, member = apply_set_rule(self.set_rule, decision.selected, out.kind, out.member)
+        return dataclasses.replace(decision, chosen=chosen, p_none=p_none, p_several=p_several, member=member)
 
     def _checked_inputs(self, query_embed, scores, mask_stats, grid_sigs, text):
         cfg = self.config
@@ -284,6 +373,9 @@ class CalibratedReranker(nn.Module):
             "rule": dataclasses.asdict(self.rule),
             "operating_points": {name: dataclasses.asdict(rule) for name, rule in self.operating_points.items()},
         }
+        if self.config.sets:
+            settings["set_rule"] = dataclasses.asdict(self.set_rule)
+            settings["set_operating_points"] = {name: dataclasses.asdict(rule) for name, rule in self.set_operating_points.items()}
         if self.memory is not None:
             settings["retrieval"] = self.memory.settings()
         return settings

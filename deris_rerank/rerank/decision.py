@@ -9,12 +9,22 @@ gain, a calibrated re-ranker's fused logit). `apply_rule` turns them into a deci
     switch to argmax(rank) only if p_fail > tau, and (when margin_pred is set) the best
     alternative's rank exceeds margin_pred, and (when margin_gap > 0) the best alternative
     beats the second best by more than margin_gap.
+
+A set re-ranker (GRES: the answer may be no object or several) also gives, per pair, the
+probabilities that the expression refers to no object, one or several (`kind_logits` [B, 3]) and
+each candidate's membership logit (`member_logit` [B, N]); `apply_set_rule` makes the answer a
+set of candidates:
+
+    p_none > tau_none                                -> no candidate ("no object matches")
+    else p_several / (1 - p_none) > tau_several      -> the candidates with sigmoid(member) >
+                                                        tau_member (the single choice when none is)
+    else                                             -> the single choice of `apply_rule`
 """
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -52,6 +62,34 @@ class GateDecision:
     switched: torch.Tensor
     calibrated: Optional[torch.Tensor] = None
     retrieved: Optional[torch.Tensor] = None
+    chosen: Optional[torch.Tensor] = None
+    p_none: Optional[torch.Tensor] = None
+    p_several: Optional[torch.Tensor] = None
+    member: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class SetRule:
+    """Thresholds of a set answer (see the module docstring), each a probability in [0, 1]."""
+
+    tau_none: float = 0.5
+    tau_several: float = 0.5
+    tau_member: float = 0.5
+
+
+def apply_set_rule(rule: SetRule, single: Tensor, kind_logits: Tensor, member_logit: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(chosen bool [B, N], p_none [B], p_several [B] (conditional on some object), member [B, N]
+    probabilities) of set answers; single [B] int64: the slot `apply_rule` chose for each pair."""
+    kind = kind_logits.float().softmax(dim=-1)
+    p_none = kind[:, 0]
+    p_several = kind[:, 2] / (1 - p_none).clamp(min=1e-12)
+    member = member_logit.float().sigmoid()
+    n = member.shape[1]
+    single_set = torch.arange(n, device=member.device)[None, :] == single[:, None]
+    members = member > rule.tau_member
+    several = (p_several > rule.tau_several)[:, None] & members.any(dim=1, keepdim=True)
+    chosen = torch.where(several, members, single_set) & ~(p_none > rule.tau_none)[:, None]
+    return chosen, p_none, p_several, member
 
 
 def apply_rule(rule: DecisionRule, default_index: Tensor, p_fail_logit: Tensor, gain: Tensor) -> GateDecision:

@@ -25,7 +25,7 @@ from ..fileio import atomic_write, check_format, read_json, read_safetensors, re
 from ..hub import is_hub_path
 from ..model_files import resolve_gate
 from .calibrated import CalibratedConfig, CalibratedReranker
-from .decision import DecisionRule, check_tau, named_rule
+from .decision import DecisionRule, SetRule, check_tau, named_rule
 from .retrieval import RetrievalConfig, RetrievalMemory, storage_state
 from .venice import GATE_CLASSES, N_MASK_STATS, PACKAGED, RELEASED, GateConfig, VeniceGate
 from .signatures import GRID_SIGNATURE_DIM, GRID_SIZES
@@ -208,6 +208,11 @@ def _rule(values: Mapping[str, Any]) -> DecisionRule:
                         margin_pred=None if margin is None else float(margin), margin_gap=float(values.get("margin_gap", 0.0)))
 
 
+def _set_rule(values: Mapping[str, Any]) -> SetRule:
+    fields = {f.name for f in dataclasses.fields(SetRule)}
+    return SetRule(**{k: float(v) for k, v in values.items() if k in fields})
+
+
 def calibrated_from_files(
     state: Mapping[str, torch.Tensor],
     sidecar: Mapping[str, Any],
@@ -224,11 +229,17 @@ def calibrated_from_files(
     fields = {f.name for f in dataclasses.fields(CalibratedConfig)}
     values = {k: v for k, v in sidecar.get("config", {}).items() if k in fields}
     values["grid_scales"] = tuple(values.get("grid_scales", GRID_SIZES))
+    values["set_inputs"] = tuple(values.get("set_inputs", ()))
     config = CalibratedConfig(**values)
     points = {name: _rule(rule) for name, rule in sidecar.get("operating_points", {}).items()}
     base = named_rule(points, operating_point, path) if operating_point is not None else _rule(sidecar["rule"])
     rule = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-    reranker = CalibratedReranker(config, rule, points)
+    set_rule, set_points = None, {}
+    if config.sets:
+        set_points = {name: _set_rule(values) for name, values in sidecar.get("set_operating_points", {}).items()}
+        set_rule = set_points.get(operating_point) if operating_point is not None else None
+        set_rule = set_rule or _set_rule(sidecar.get("set_rule", {}))
+    reranker = CalibratedReranker(config, rule, points, set_rule, set_points)
     state, memory = _memory_from_files(state, sidecar, path)
     mismatch = state_dict_mismatch(reranker.state_dict(), state)
     if mismatch:

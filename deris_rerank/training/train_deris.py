@@ -22,6 +22,7 @@ assumes the borrowed expression refers to nothing, the RefShapes semantics check
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -246,7 +247,7 @@ def _init_weights(path: Path, config: DerisConfig) -> Dict[str, torch.Tensor]:
     from ..checkpoints import load_deris
 
     model = load_deris(path)
-    if model.config.to_dict() != config.to_dict():
+    if dataclasses.replace(model.config, task=config.task) != config:
         raise CheckpointError(f"{path} is a {model.config.name} model with other settings than the {config.name} preset being "
                               "trained; fine-tune a model of the same preset (--preset)")
     return model.state_dict()

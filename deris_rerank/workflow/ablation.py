@@ -37,7 +37,7 @@ def time_per_pair(gate, data: GateData, pairs: int = 100) -> float:
     for row in range(-1, min(pairs, len(data))):
         rows = slice(max(row, 0), max(row, 0) + 1)
         args = (data.query_feat[rows], data.scores[rows], data.mask_stats[rows], data.grid[rows])
-        extra = {"text": text.select(rows)} if text is not None else {}
+        extra = {"text": text.select(rows), "existence": data.existence[rows]} if text is not None else {}
         start = time.perf_counter()
         gate.decide(*args, **extra)
         if row >= 0:

@@ -139,6 +139,12 @@ def markdown(report: Dict[str, object]) -> str:
             margin = m["rule"]["margin_pred"]
             lines.append(f"| {name} | {m['rule']['tau']:g} | {'-' if margin is None else f'{margin:g}'} | {m['selected_miou']:.2f} | "
                          f"{m['delta_full']:+.2f} | {m['switch_rate']:.2f} | {m['harmful_switch_rate']:.2f} |")
+    if report.get("sets"):
+        from .set_evaluation import set_markdown
+
+        size = report["sets"]["mask_size"]
+        lines += ["", f"Set answers (GRES; gRefCOCO's rules, masks at {size} x {size}; harmful: more than 0.01 IoU below "
+                  "DeRIS's own union answer):", "", set_markdown(report["sets"]["rows"]).rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -192,8 +198,22 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def evaluate_caches(paths: Sequence[Path], gate: Optional[VeniceGate], out_dir: Path) -> Dict[str, object]:
-    """Load the caches, evaluate, write the report files; returns the report."""
-    report = evaluate(load_gate_data(paths), gate)
+def evaluate_caches(
+    paths: Sequence[Path], gate: Optional[VeniceGate], out_dir: Path,
+    set_gates: Optional[Dict[str, object]] = None, tune_paths: Sequence[Path] = (),
+) -> Dict[str, object]:
+    """Load the caches, evaluate, write the report files; returns the report.
+
+    When the caches hold the set fields (GRES), the report also has "sets": the set-answer rows
+    of `set_evaluation` for the re-rankers in `set_gates` (default: `gate`), with DeRIS's union
+    at its best threshold on the caches `tune_paths` when given."""
+    data = load_gate_data(paths, masks=True)
+    report = evaluate(data, gate)
+    if data.sets is not None and data.sets.masks is not None:
+        from .set_evaluation import set_rows
+
+        gates = set_gates if set_gates is not None else ({} if gate is None else {"re-ranker": gate})
+        tune = load_gate_data(tune_paths, masks=True) if tune_paths else None
+        report["sets"] = {"mask_size": data.sets.mask_size, "rows": set_rows(data, gates, tune)}
     write_report(report, out_dir)
     return report

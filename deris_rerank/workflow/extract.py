@@ -6,17 +6,25 @@ and DeRIS's own answer's IoU; and, for text-aware re-rankers, DeRIS's raw referr
 the cognition embeddings and the expression's token features, padding and pooled mean (see
 `cache.py` for the fields).
 
+For answers that are sets of candidates (GRES: no referent, or several), also each candidate's
+pixel area and the target's, the number of targets, each candidate's best-matching referred
+instance (when the data has instance masks), and every candidate's and the target's mask at
+SET_MASK_SIZE x SET_MASK_SIZE, bit-packed (`bitmasks`), so that the IoU of any union of
+candidates (and the best such union) can be computed from the cache alone.
+
 IoU protocols: "384" (default, as DeRIS's own evaluation): candidate masks binarised at the
 perception size (sigmoid >= 0.5), ground truth resized there with nearest; "original": the
 candidates resized (nearest) to the image and compared with the full-size ground truth. An
-empty prediction against an empty ground truth (a no-target expression) scores IoU 1.
+empty prediction against an empty ground truth (a no-target expression) scores IoU 1. The
+packed masks do not depend on the protocol: candidates from the perception size, the target
+from the image's size, both resized with nearest.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +32,7 @@ from tqdm import tqdm
 
 from ..data.sample import ReferringSample
 from ..errors import InputError, OutputMismatchError
+from ..bitmasks import pack_masks
 from ..candidates import CandidateBatch
 from ..pipeline import Pipeline
 from ..run_identity import identity_differences, model_sha256
@@ -33,6 +42,24 @@ from ..rerank.signatures import MASK_STAT_NAMES, split_grid_signature
 from ..version import __version__
 
 IOU_PROTOCOLS = ("384", "original")
+SET_MASK_SIZE = 96  # side of the bit-packed candidate and target masks in a cache
+
+
+class GroundTruth(NamedTuple):
+    """What extraction compares the candidates with: the target mask bool [H, W] (the union of the
+    referred objects; all False when there are none), the number of targets (-1 when the data
+    does not say) and the referred instances' masks bool [K, H, W] (None when the data has none)."""
+
+    mask: np.ndarray
+    num_targets: int
+    instances: Optional[np.ndarray]
+
+
+def ground_truth(sample: ReferringSample) -> GroundTruth:
+    """The ground truth of one pair (decodes its masks)."""
+    instances = sample.instance_masks() if sample.instance_masks is not None else None
+    count = sample.num_targets if sample.num_targets is not None else -1
+    return GroundTruth(sample.target_mask(), count, instances)
 
 
 def mask_overlap(pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,22 +73,27 @@ def mask_overlap(pred: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor
     return iou, inter, union
 
 
-def pair_features(batch: CandidateBatch, targets: List[np.ndarray], config, protocol: str) -> Dict[str, torch.Tensor]:
+def pair_features(batch: CandidateBatch, truths: List[GroundTruth], config, protocol: str) -> Dict[str, torch.Tensor]:
     """Cache fields for the pairs of one model run (CPU tensors, first dim = pairs)."""
     candidates = batch.candidates
     stats, grids = candidates.gate_features()
     binary = candidates.binary_masks(config.mask_threshold).cpu()
     answer = candidates.answer_mask(config.score_threshold).cpu()
-    overlaps = []
-    for b, target in enumerate(targets):
-        target = torch.from_numpy(target)
+    small = (SET_MASK_SIZE, SET_MASK_SIZE)
+    overlaps, sets = [], []
+    for b, truth in enumerate(truths):
+        target = torch.from_numpy(truth.mask)
+        instances = None if truth.instances is None else torch.from_numpy(truth.instances)
+        packed_target = pack_masks(resize_mask_nearest(target, small))
         if protocol == "384":
             target = resize_mask_nearest(target, binary.shape[-2:])
+            instances = None if instances is None else resize_mask_nearest(instances, binary.shape[-2:])
             preds, union_pred = binary[b], answer[b]
         else:
             preds = resize_mask_nearest(binary[b], target.shape)
             union_pred = resize_mask_nearest(answer[b], target.shape)
         overlaps.append((mask_overlap(preds, target), mask_overlap(union_pred, target)))
+        sets.append(_set_fields(preds, target, instances, truth.num_targets, pack_masks(resize_mask_nearest(binary[b], small)), packed_target))
     fields = {
         "query_feat": candidates.query_embed.float().cpu(),
         "det_scores": candidates.scores.float().cpu(),
@@ -72,6 +104,7 @@ def pair_features(batch: CandidateBatch, targets: List[np.ndarray], config, prot
         "union_inter": torch.stack([o[1][1] for o in overlaps]),
         "union_union": torch.stack([o[1][2] for o in overlaps]),
         "existence": candidates.existence.float().cpu(),
+        **{name: torch.stack([pair[name] for pair in sets]) for name in SET_FIELDS},
     }
     if candidates.text is not None:
         text = candidates.text
@@ -86,6 +119,31 @@ def pair_features(batch: CandidateBatch, targets: List[np.ndarray], config, prot
     fields.update({name: stats[..., k].float().cpu() for k, name in enumerate(MASK_STAT_NAMES)})
     fields.update({name: value.float().cpu() for name, value in split_grid_signature(grids).items()})
     return fields
+
+
+SET_FIELDS = ("query_area", "target_area", "num_targets", "query_instance", "query_instance_iou", "query_masks", "target_mask_packed")
+
+
+def _set_fields(preds: torch.Tensor, target: torch.Tensor, instances: Optional[torch.Tensor], num_targets: int,
+                packed_preds: torch.Tensor, packed_target: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """One pair's fields for set answers: preds bool [N, H, W] and target bool [H, W] at the IoU
+    protocol's size, instances bool [K, H, W] there (or None), the packed masks [N, B] and [B]."""
+    n = preds.shape[0]
+    best = torch.full((n,), -1, dtype=torch.int64)
+    best_iou = torch.zeros(n, dtype=torch.float32)
+    if instances is not None and instances.shape[0] > 0:
+        ious = mask_overlap(preds[:, None], instances[None])[0].float()  # [N, K]
+        best_iou, best = ious.max(dim=1)
+        best = torch.where(best_iou > 0, best, torch.full_like(best, -1))
+    return {
+        "query_area": preds.sum(dim=(-2, -1)),
+        "target_area": target.sum(),
+        "num_targets": torch.tensor(num_targets, dtype=torch.int64),
+        "query_instance": best,
+        "query_instance_iou": best_iou,
+        "query_masks": packed_preds,
+        "target_mask_packed": packed_target,
+    }
 
 
 def extract_split(
@@ -152,6 +210,7 @@ def extract_provenance(pipe: Pipeline, protocol: str, source: Optional[dict]) ->
         "dtype": str(pipe.autocast_dtype or "float32").replace("torch.", ""),
         "package_version": __version__,
         "iou_protocol": protocol,
+        "set_mask_size": SET_MASK_SIZE,
         "query_source": pipe.query_source,
         "batch_semantics": pipe.batch_semantics,
         "source": source,
@@ -186,9 +245,9 @@ def plan_extract(
     return jobs, counts
 
 
-def batch_fields(batch: CandidateBatch, targets: List[np.ndarray], config, protocol: str) -> Dict[int, Dict[str, torch.Tensor]]:
+def batch_fields(batch: CandidateBatch, truths: List[GroundTruth], config, protocol: str) -> Dict[int, Dict[str, torch.Tensor]]:
     """`pair_features` of one model run, per pair: {pair index of the batch: {field: tensor}}."""
-    fields = pair_features(batch, targets, config, protocol)
+    fields = pair_features(batch, truths, config, protocol)
     return {i: {name: value[b] for name, value in fields.items()} for b, i in enumerate(batch.indices)}
 
 
@@ -247,7 +306,7 @@ def _extract_shard(pipe, job: ShardJob, batch_size, protocol, bar) -> Tuple[int,
     failed: Dict[int, str] = {}
     for item in pipe.iter_candidates(pairs, batch_size=batch_size):
         if isinstance(item, CandidateBatch):
-            collected.update(batch_fields(item, [part[i].target_mask() for i in item.indices], pipe.config, protocol))
+            collected.update(batch_fields(item, [ground_truth(part[i]) for i in item.indices], pipe.config, protocol))
             bar.update(len(item.indices))
         else:
             i, error = item

@@ -79,8 +79,8 @@ def retrieval_outputs(reranker: CalibratedReranker, data: GateData, memory: Retr
     parts = []
     try:
         for start in range(0, len(data), BATCH):
-            default_index, p_fail_logit, fused, _, retrieved = reranker.outputs(*_rows(data, slice(start, start + BATCH), device))
-            parts.append([t.float().cpu() if t.is_floating_point() else t.cpu() for t in (default_index, p_fail_logit, fused, retrieved)])
+            out = reranker.outputs(*_rows(data, slice(start, start + BATCH), device))
+            parts.append([t.float().cpu() if t.is_floating_point() else t.cpu() for t in (out.default_index, out.p_fail_logit, out.fused, out.retrieved)])
     finally:
         reranker.memory = own
     return tuple(torch.cat([p[i] for p in parts]) for i in range(4))
@@ -89,15 +89,6 @@ def retrieval_outputs(reranker: CalibratedReranker, data: GateData, memory: Retr
 def _halves(count: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
     return order[: count // 2].sort().values, order[count // 2 :].sort().values
-
-
-def select_pairs(data: GateData, rows: torch.Tensor) -> GateData:
-    """The pairs `rows` [R] (int64) of `data`."""
-    tensors = {f.name: getattr(data, f.name)[rows] for f in dataclasses.fields(GateData)
-               if f.name not in ("ids", "splits", "provenance", "text")}
-    picked = rows.tolist()
-    return GateData(**tensors, ids=[data.ids[i] for i in picked], splits=[data.splits[i] for i in picked],
-                    provenance=data.provenance, text=None if data.text is None else data.text.select(rows))
 
 
 def choose_retrieval(
@@ -115,8 +106,8 @@ def choose_retrieval(
         halves = _halves(len(tune), settings.seed)
         scored_parts = []
         for own, other in (halves, halves[::-1]):
-            fold_memory = build_memory(reranker, select_pairs(tune, other), config, settings.memory_size, settings.seed)
-            scored_parts.append(retrieval_outputs(reranker, select_pairs(tune, own), fold_memory))
+            fold_memory = build_memory(reranker, tune.select(other), config, settings.memory_size, settings.seed)
+            scored_parts.append(retrieval_outputs(reranker, tune.select(own), fold_memory))
         order = torch.cat(halves).argsort()  # back to the tuning split's pair order
         scored = tuple(torch.cat([p[i] for p in scored_parts])[order] for i in range(4))
         memory = build_memory(reranker, tune, config, settings.memory_size, settings.seed)

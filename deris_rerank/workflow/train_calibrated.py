@@ -17,6 +17,17 @@ is at most `max_harmful` %, "conservative" the same within `conservative_harmful
 the larger margin, then the larger tau (a rule's bound is never above its switch rate: a rule
 that never switches always fits; where nothing fits, a point never switches). The tuned point is
 the saved rule.
+
+A set re-ranker (`sets`, GRES caches) adds two losses: membership BCE (a candidate is a member
+when it is non-empty and at least MEMBER_SHARE of its pixels lie in the target) on every pair,
+and cross-entropy of the kind (no object, one, several) on every pair; the listwise and failure
+losses then count only pairs that have targets (on a no-target pair every candidate's IoU is 0,
+an empty one's 1: nothing to rank). Its single-candidate points are picked as above on the
+tuning pairs with one target; its set points ("tuned", "conservative": `SetRule` thresholds over
+SET_TAU_GRID and MEMBER_GRID, each on top of the single point of the same name) maximise gIoU on
+all tuning pairs while the Wilson bound of the share of harmful answers (IoU more than 0.01 below
+DeRIS's own union answer's) stays within `set_max_harmful` / `set_conservative_harmful` %; where
+nothing fits, the point is the one with the fewest harmful answers (the report says so).
 """
 from __future__ import annotations
 
@@ -25,20 +36,24 @@ import math
 import statistics
 from typing import Callable, Dict, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
 from ..settings import CalibratedSettings
 from ..rerank.calibrated import CalibratedConfig, CalibratedReranker
-from ..rerank.decision import DecisionRule, apply_rule
-from ..rerank.gate_data import GateData, gate_outputs
+from ..rerank.decision import DecisionRule, SetRule, apply_rule
+from ..rerank.gate_data import GateData, gate_outputs, set_outputs
 from ..workflow.metrics import HARM_MARGIN
+from .set_metrics import answer_ious
 from .train_gate import TAU_GRID
 
 MARGIN_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 CALIBRATED_TAU_GRID = TAU_GRID + (0.995, 0.999)  # a conservative point may need p_fail very near 1
 NEVER_SWITCH = DecisionRule(tau=1.0, margin_pred=0.0)  # p_fail > 1 never holds
+SET_TAU_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20)) + (0.99,)  # tau_none and tau_several
+MEMBER_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # tau_member
 
 
 
@@ -51,9 +66,15 @@ def listwise_targets(ious: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.one_hot(ious.argmax(dim=-1), ious.shape[-1]).to(ious.dtype)
 
 
-def listwise_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits [B, N] toward target distributions [B, N], averaged over B."""
-    return -(targets * logits.log_softmax(dim=-1)).sum(dim=-1).mean()
+def listwise_loss(logits: torch.Tensor, targets: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+    """Cross-entropy of logits [B, N] toward target distributions [B, N], averaged over B (per pair [B] without `reduce`)."""
+    per_pair = -(targets * logits.log_softmax(dim=-1)).sum(dim=-1)
+    return per_pair.mean() if reduce else per_pair
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of values [B] over the pairs with weight 1 (0 when none has)."""
+    return (values * weights).sum() / weights.sum().clamp(min=1)
 
 
 def build_reranker(data: GateData, settings: CalibratedSettings) -> CalibratedReranker:
@@ -71,6 +92,8 @@ def build_reranker(data: GateData, settings: CalibratedSettings) -> CalibratedRe
         use_text=settings.text,
         fusion=settings.fusion,
         geometry=settings.geometry,
+        sets=settings.sets,
+        set_inputs=tuple(name for name, on in (("existence", settings.set_existence), ("overlap", settings.set_overlap)) if on),
     )
     return CalibratedReranker(config, DecisionRule(tau=0.5, margin_pred=0.0))
 
@@ -98,6 +121,10 @@ def train_calibrated(
     device = torch.device(device)
     torch.manual_seed(settings.seed)
     text = train.require_text()
+    if settings.sets:
+        sets = train.require_sets()
+        members, kinds = sets.membership(train.inter).float(), sets.kind
+        has_target = kinds > 0
     reranker = build_reranker(train, settings).to(device)
     fusion = [reranker.fusion_deris, reranker.fusion_calibrated]
     others = [p for p in reranker.parameters() if all(p is not f for f in fusion)]
@@ -111,24 +138,30 @@ def train_calibrated(
     shuffle = torch.Generator().manual_seed(settings.seed)
     failure = train.failure.float()
     targets = listwise_targets(train.ious, settings.target_temperature)
-    log(f"training the calibrated re-ranker on {len(train)} pairs ({int(failure.sum())} failures), "
+    weight = has_target.float() if settings.sets else torch.ones(len(train))  # pairs the ranking and failure losses count
+    log(f"training the calibrated {'set ' if settings.sets else ''}re-ranker on {len(train)} pairs ({int(failure.sum())} failures), "
         f"{settings.epochs} epochs of {steps_per_epoch} steps on {device}")
     for epoch in range(settings.epochs):
         reranker.train()
-        totals = {"loss": 0.0, "rank": 0.0, "aux": 0.0, "fail": 0.0}
+        totals = {"loss": 0.0, "rank": 0.0, "aux": 0.0, "fail": 0.0, **({"member": 0.0, "kind": 0.0} if settings.sets else {})}
         for rows in torch.randperm(len(train), generator=shuffle).split(settings.batch_size):
             inputs = [x[rows].to(device) for x in (train.query_feat, train.scores, train.mask_stats, train.grid)]
-            _, p_fail_logit, fused, calibrated = reranker(*inputs, text.select(rows).to(device))
-            target = targets[rows].to(device)
-            rank_loss = listwise_loss(fused, target)
-            aux_loss = listwise_loss(calibrated, target)
-            fail_loss = F.binary_cross_entropy_with_logits(p_fail_logit, failure[rows].to(device))
+            out = reranker.outputs(*inputs, text.select(rows).to(device), train.existence[rows].to(device))
+            target, counted = targets[rows].to(device), weight[rows].to(device)
+            rank_loss = _weighted_mean(listwise_loss(out.fused, target, reduce=False), counted)
+            aux_loss = _weighted_mean(listwise_loss(out.calibrated, target, reduce=False), counted)
+            fail_loss = _weighted_mean(F.binary_cross_entropy_with_logits(out.p_fail_logit, failure[rows].to(device), reduction="none"), counted)
             loss = rank_loss + settings.aux_weight * aux_loss + settings.failure_weight * fail_loss
+            parts = {"rank": rank_loss, "aux": aux_loss, "fail": fail_loss}
+            if settings.sets:
+                parts["member"] = F.binary_cross_entropy_with_logits(out.member, members[rows].to(device))
+                parts["kind"] = F.cross_entropy(out.kind, kinds[rows].to(device))
+                loss = loss + settings.member_weight * parts["member"] + settings.kind_weight * parts["kind"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            for key, value in (("loss", loss), ("rank", rank_loss), ("aux", aux_loss), ("fail", fail_loss)):
+            for key, value in (("loss", loss), *parts.items()):
                 totals[key] += float(value.detach()) * len(rows)
         line = f"epoch {epoch + 1}/{settings.epochs}: " + ", ".join(f"{k} {v / len(train):.4f}" for k, v in totals.items())
         line += f", fusion w_deris {float(reranker.fusion_deris.detach()):.3f} w_cal {float(reranker.fusion_calibrated.detach()):.3f}"
@@ -167,7 +200,8 @@ def harmful_upper_bound(harmful_percent: float, pairs: int, confidence: float) -
 
 def check_point_settings(settings: CalibratedSettings) -> None:
     """InputError (one line) for harmful budgets outside 0..100 % or a confidence outside [0, 1)."""
-    for name, value in (("--max-harmful", settings.max_harmful), ("--conservative-harmful", settings.conservative_harmful)):
+    for name, value in (("--max-harmful", settings.max_harmful), ("--conservative-harmful", settings.conservative_harmful),
+                        ("--set-max-harmful", settings.set_max_harmful), ("--set-conservative-harmful", settings.set_conservative_harmful)):
         if not 0 <= value <= 100:
             raise InputError(f"{name} is a harmful-switch rate in percent (0..100), got {value:g}")
     if not 0 <= settings.harm_confidence < 1:
@@ -203,6 +237,78 @@ def choose_points_from_outputs(
     report = {"tune_pairs": len(tune)}
     for name, (_, _, (delta, harm, switch)) in best.items():
         report.update({f"{name}_tune_delta_full": delta, f"{name}_tune_harmful": harm, f"{name}_tune_switch": switch})
+    return points["tuned"], points, report
+
+
+def pick_points(reranker: CalibratedReranker, tune: GateData, settings: CalibratedSettings) -> Dict[str, float]:
+    """Pick and set every operating point of `reranker` on `tune` (its rule and named points; for a
+    set re-ranker also its set rule and set points); returns the tuning-split figures."""
+    if not reranker.config.sets:
+        reranker.rule, reranker.operating_points, report = choose_operating_points(reranker, tune, settings)
+        return report
+    single = tune.select(torch.nonzero(tune.require_sets().kind == 1).squeeze(1))
+    if len(single) == 0:
+        raise InputError("the tuning caches hold no pair with exactly one target: a set re-ranker's single-candidate "
+                         "points are picked on those (extract a gres-mode tuning split)")
+    reranker.rule, reranker.operating_points, report = choose_operating_points(reranker, single, settings)
+    reranker.set_rule, reranker.set_operating_points, set_report = choose_set_points(reranker, tune, settings)
+    return {**report, **set_report}
+
+
+def deris_score_threshold(data: GateData) -> float:
+    """The score threshold of DeRIS's own answer in the caches' provenance (one value, else InputError)."""
+    thresholds = {p["config"]["score_threshold"] for p in data.provenance if "config" in p}
+    if len(thresholds) != 1:
+        raise InputError(f"the caches name {len(thresholds)} DeRIS score thresholds ({sorted(thresholds)}); "
+                         "set answers are judged against one model's own answer: use caches of one model")
+    return float(next(iter(thresholds)))
+
+
+def choose_set_points(
+    reranker: CalibratedReranker, tune: GateData, settings: CalibratedSettings
+) -> Tuple[SetRule, Dict[str, SetRule], Dict[str, float]]:
+    """(tuned set rule, {"tuned", "conservative"} set rules, their tuning figures), picked on all of
+    `tune` (with its packed masks) on top of the re-ranker's single points of the same names."""
+    sets = tune.require_sets(masks=True)
+    default_index, p_fail_logit, fused, member_logit, kind_logit = set_outputs(reranker, tune)
+    reference = (tune.scores > deris_score_threshold(tune)).numpy()
+    ref_iou = answer_ious(sets, reference)
+    count, n = reference.shape
+    empty_iou = answer_ious(sets, np.zeros_like(reference))
+    several_ious = {}
+    for tau_member in MEMBER_GRID:
+        members = (member_logit.sigmoid() > tau_member).numpy()
+        several_ious[tau_member] = (answer_ious(sets, members), members.any(axis=1), members)
+    kind = kind_logit.softmax(dim=-1).numpy()
+    p_none, p_several = kind[:, 0], kind[:, 2] / np.clip(1 - kind[:, 0], 1e-12, None)
+    budgets = {"tuned": settings.set_max_harmful, "conservative": settings.set_conservative_harmful}
+    points, report = {}, {}
+    for name, budget in budgets.items():
+        single = apply_rule(reranker.operating_points[name], default_index, p_fail_logit, fused).selected.numpy()
+        single_set = np.arange(n)[None, :] == single[:, None]
+        single_iou = answer_ious(sets, single_set)
+        best, fewest = None, None
+        for tau_member, (several_iou, has_member, members) in several_ious.items():
+            for tau_none in SET_TAU_GRID:
+                none = p_none > tau_none
+                for tau_several in SET_TAU_GRID:
+                    several = (p_several > tau_several) & has_member & ~none
+                    iou = np.where(none, empty_iou, np.where(several, several_iou, single_iou))
+                    answer = np.where(several[:, None], members, single_set) & ~none[:, None]
+                    changed = 100 * float((answer != reference).any(axis=1).mean())
+                    harmful = 100 * float((iou < ref_iou - HARM_MARGIN).mean())
+                    bound = min(harmful_upper_bound(harmful, count, settings.harm_confidence), changed)
+                    figures = (100 * float(iou.mean()), harmful, changed, SetRule(tau_none, tau_several, tau_member))
+                    if bound <= budget and (best is None or figures[0] > best[0] + 1e-12):
+                        best = figures
+                    if fewest is None or harmful < fewest[1] - 1e-12:
+                        fewest = figures
+        chosen = best or fewest
+        points[name] = chosen[3]
+        report.update({f"{name}_set_tune_giou": chosen[0], f"{name}_set_tune_harmful": chosen[1],
+                       f"{name}_set_tune_changed": chosen[2], f"{name}_set_within_budget": best is not None})
+    report["set_tune_pairs"] = count
+    report["set_tune_deris_giou"] = 100 * float(ref_iou.mean())
     return points["tuned"], points, report
 
 

@@ -109,6 +109,7 @@ class RefShapes(Sequence[ReferringSample]):
             target_mask=functools.partial(self._target_mask, image, k),
             image_id=f"{self.split}_{image:06d}",
             num_targets=len(expression.targets),
+            instance_masks=functools.partial(self._instance_masks, image, k),
         )
 
     def expressions_per_image(self, image: int) -> int:
@@ -139,6 +140,10 @@ class RefShapes(Sequence[ReferringSample]):
 
     def _target_mask(self, image: int, k: int) -> np.ndarray:
         return self.scene(image).target_mask(k)
+
+    def _instance_masks(self, image: int, k: int) -> np.ndarray:
+        scene = self.scene(image)
+        return scene.masks[list(scene.expressions[k].targets)]
 
 
 def write_refshapes(out_dir: Path, datasets: Sequence[RefShapes]) -> Path:
