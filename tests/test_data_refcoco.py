@@ -276,6 +276,9 @@ def test_grefcoco_multi_and_no_target(grefcoco_file, images_dir):
     assert [s.image for s in samples] == [images_dir / coco_name(i) for i in (1, 2, 1)]
     assert_masks(samples, [MASK_A | MASK_B, np.zeros(SIZES[2], dtype=bool), MASK_A])
     assert list_splits(grefcoco_file) == ["train", "val"]
+    instances = [s.instance_masks() for s in samples]  # each referred object on its own
+    assert np.array_equal(instances[0], np.stack([MASK_A, MASK_B])) and instances[1].shape == (0, *SIZES[2])
+    assert np.array_equal(instances[2], MASK_A[None])
 
 
 def test_grefcoco_rejects_the_seqtr_layout(seqtr_file, images_dir):
@@ -366,6 +369,8 @@ def test_grefcoco_refer_layout(grefs_file, images_dir):
     assert [s.id for s in samples] == ["val_1_0", "val_1_1", "val_2_0", "val_3_0"]
     assert [s.num_targets for s in samples] == [2, 2, 0, 1]  # crowd annotation 103 left out, as grefer/ReLA do
     assert_masks(samples, [MASK_A | MASK_B, MASK_A | MASK_B, np.zeros(SIZES[2], dtype=bool), MASK_C])
+    assert [s.instance_masks().shape[0] for s in samples] == [2, 2, 0, 1]
+    assert np.array_equal(samples[0].instance_masks().any(axis=0), MASK_A | MASK_B)
     same = read_refer(grefs_file.parent.parent, images_dir, "val", dataset="grefcoco")
     assert [s.id for s in same] == [s.id for s in samples]
 
@@ -436,3 +441,25 @@ def test_write_seqtr_errors(tmp_path):
     one_line_error(lambda: write_seqtr({"val": [dict(good, mask=MASK_A.astype(float))]}, target), "bool or integer")
     one_line_error(lambda: write_seqtr([good], target), "splits must be a dict")
     assert not target.exists()
+
+
+def test_grefcoco_through_extract_and_evaluate(grefcoco_file, images_dir, tiny_model_dir, tmp_path, capsys):
+    from deris_rerank import cli
+    from deris_rerank.rerank.cache import read_cache
+
+    code = cli.main(["extract", "--data", str(grefcoco_file), "--images", str(images_dir), "--split", "val",
+                     "--out", str(tmp_path / "cache"), "--deris", str(tiny_model_dir / "deris"), "--device", "cpu", "--quiet"])
+    assert code == 0
+    tensors, ids, _ = read_cache([tmp_path / "cache" / "val"])
+    assert ids == ["val_0_0", "val_1_0", "val_2_0"]
+    assert tensors["num_targets"].tolist() == [2, 0, 1] and tensors["target_area"][1] == 0
+    assert tensors["query_masks"].shape == (3, 10, 96 * 96 // 8)
+    # the no-target pair: every candidate's IoU is 0 unless it is empty too; no referred instance to match
+    assert (tensors["query_instance"][1] == -1).all()
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--cache", str(tmp_path / "cache" / "val"), "--out", str(tmp_path / "report")]) == 0
+    printed = capsys.readouterr().out
+    assert "Set answers (GRES" in printed and "| oracle set |" in printed and "| DeRIS union (threshold" in printed
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    oracle = report["sets"]["rows"][-1]
+    assert oracle["name"] == "oracle set" and oracle["n_acc"] == 100.0 and oracle["pairs_none"] == 1
