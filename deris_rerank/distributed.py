@@ -69,6 +69,7 @@ class PipelineSpec:
     dtype: Optional[str] = None
     tau: Optional[float] = None
     operating_point: Optional[str] = None
+    answer: Optional[str] = None
     batch_semantics: str = "per_sample"
     query_source: str = "perception"
 

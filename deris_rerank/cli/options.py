@@ -65,6 +65,10 @@ def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     add_device_dtype(group)
     add_tau(group)
     add_operating_point(group)
+    group.add_argument("--answer", choices=["single", "set"],
+                       help="single: one candidate; set: none, one or several (\"no object matches\", \"all the red shapes\"; "
+                       "needs a set re-ranker, or --no-gate for DeRIS's own union answer); default: set for a set re-ranker "
+                       "or a GRES-trained DeRIS without one, else single")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +99,7 @@ def pipeline_from_args(args: argparse.Namespace):
 
     gate = False if args.no_gate else args.gate
     return Pipeline(deris=args.deris, gate=gate, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, tau=args.tau,
-                    operating_point=args.operating_point)
+                    operating_point=args.operating_point, answer=args.answer)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, settings_class, skip=(), **special) -> None:

@@ -15,19 +15,25 @@ def summary(result, written, tau=None) -> str:
     """The printed answer for one pair; `tau`: the re-ranker's threshold, shown beside p_fail."""
     from ..tokenizer import shorten_text
 
-    top = f"candidate #{result.selected_rank} (slot {result.selected_slot}, score {result.scores[result.selected_rank]:.3f})"
-    if result.switched:
-        decision = f"switched to {top} from DeRIS's #0 (slot {result.default_index}, score {result.scores[0]:.3f})"
+    if result.answer == "set":
+        decision = set_decision(result)
     else:
-        decision = f"kept DeRIS's {top}"
+        top = f"candidate #{result.selected_rank} (slot {result.selected_slot}, score {result.scores[result.selected_rank]:.3f})"
+        if result.switched:
+            decision = f"switched to {top} from DeRIS's #0 (slot {result.default_index}, score {result.scores[0]:.3f})"
+        else:
+            decision = f"kept DeRIS's {top}"
     gate = "no gate" if result.p_fail is None else f"p_fail {result.p_fail:.3f}"
-    if result.p_fail is not None and tau is not None:
+    if result.p_no_target is not None:
+        gate += f", p(no object) {result.p_no_target:.3f}"
+    if result.p_fail is not None and tau is not None and result.answer == "single":
         gate += f" {'>' if result.p_fail > tau else '<='} tau {tau:g}"
         if result.p_fail > tau and not result.switched:
             gate += " (no other candidate beat DeRIS's by the rule's margin)"
     stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items())
     area = "EMPTY (nothing found)" if result.mask_empty else f"{int(result.mask.sum())} pixels"
-    notes = [f"note: {note}" for note in result.notes if not note.startswith("answered by the embedded default")]
+    notes = [f"note: {note}" for note in result.notes
+             if not note.startswith(("answered by the embedded default", "no object matches", f"{result.object_count} objects match"))]
     return "\n".join(
         [
             f"{shorten_text(result.text)}: {decision}; {gate}",
@@ -38,6 +44,16 @@ def summary(result, written, tau=None) -> str:
             "wrote: " + ", ".join(str(p) for p in written.values()),
         ]
     )
+
+
+def set_decision(result) -> str:
+    """A set answer in words: no object, one candidate or several, and whether it is DeRIS's own."""
+    if result.object_count == 0:
+        what = "no object matches"
+    else:
+        ranks = ", ".join(f"#{rank}" for rank in result.selected_ranks)
+        what = f"{result.object_count} object{'s' if result.object_count > 1 else ''}: candidate{'s' if result.object_count > 1 else ''} {ranks}"
+    return f"{what} ({'another answer than' if result.switched else 'the same as'} DeRIS's own union answer)"
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -70,7 +86,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         from ..distributed import run_batch as run_batch_ray
 
         spec, resources = ray_settings(args, gate=False if args.no_gate else args.gate, tau=args.tau,
-                                        operating_point=args.operating_point)
+                                        operating_point=args.operating_point, answer=args.answer)
         summary = run_batch_ray(items, Path(args.out), spec, resources, batch_size=args.batch_size,
                                 progress=not args.quiet, overwrite=args.overwrite)
     else:
