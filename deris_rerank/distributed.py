@@ -38,9 +38,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 from .batch import BatchItem, BatchOutput, result_record
-from .errors import DerisRerankError, EmbeddedDefaultWarning, InputError
+from .errors import DerisRerankError, EmbeddedDefaultWarning, InputError, install_hint
 
-INSTALL_HINT = 'the Ray engine needs Ray Data: pip install "deris-rerank[ray]" (or pip install "ray[data]>=2.60")'
+INSTALL_HINT = "the Ray engine needs Ray Data: " + install_hint("ray", '"ray[data]>=2.60"')
 DECODE_CPUS = 0.25  # logical CPUs reserved by each decode task (light next to a model replica)
 MAX_BLOCKS = 1000  # Ray Data blocks the chunk rows are split into (at most)
 

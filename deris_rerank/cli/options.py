@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..errors import install_hint
+
 def add_tau(parser) -> None:
     """--tau, the one definition every command that takes it shares."""
     parser.add_argument("--tau", type=float, help="override the gate's failure threshold in [0, 1]: switch only if p_fail > tau")
@@ -72,7 +74,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--engine", default="local", choices=["local", "ray"],
                        help="local: this process (default); ray: Ray Data, model replicas on a cluster's GPUs/CPUs "
-                       "(pip install \"deris-rerank[ray]\"); the same outputs")
+                       f"({install_hint('ray')}); the same outputs")
     group.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray for this run)")
     group.add_argument("--replicas", type=int, help="Ray: model replicas (default: one per GPU, or 1 without GPUs)")
     group.add_argument("--gpus-per-replica", type=float,

@@ -58,7 +58,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, install_hint
 from ..fileio import atomic_write
 from ..images import load_image
 from ..rle import decode_mask, encode_mask
@@ -83,7 +83,7 @@ def _pycocotools_mask():
         from pycocotools import mask
     except ImportError:
         raise InputError(
-            "polygon masks are rasterised with pycocotools, which is not installed: pip install pycocotools"
+            "polygon masks are rasterised with pycocotools, which is not installed: " + install_hint("data", "pycocotools")
         ) from None
     return mask
 
