@@ -1,7 +1,8 @@
 """Batch processing of many image-text pairs into an output folder, resumable and crash-safe.
 
 Input: a JSONL or CSV manifest with `image`, `text` and optional `id` (image paths relative to
-the manifest), or a folder of images with one expression for all or a texts file.
+the manifest), or a folder of images with one expression for all or a texts file (`read_texts`).
+Both are read as UTF-8 (a byte-order mark is allowed).
 Output folder:
     masks/<id>.png   the selected mask (0/255)
     results.jsonl    one line per finished pair
@@ -19,6 +20,7 @@ and resumed run ends with the same files as an uninterrupted one (timings aside)
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -75,15 +77,34 @@ def _unique_ids(raw_ids: Iterable[str]) -> List[str]:
     return ids
 
 
-def read_manifest(path: Path) -> List[BatchItem]:
-    """Pairs from a JSONL (one object per line) or CSV (header row) manifest."""
+def read_utf8(path: Path, what: str) -> str:
+    """The text of the UTF-8 file `path` (a byte-order mark dropped); InputError naming `what`, the
+    file and, for a byte that is not UTF-8, its line."""
     if not path.is_file():
-        raise InputError(f"manifest not found: {path}")
-    rows = []
+        raise InputError(f"{what} not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read manifest {path}: {exc}") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{what} {path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text; "
+                         "save the file as UTF-8") from None
+
+
+def read_texts(path: Path) -> List[str]:
+    """The expressions of a texts file: one per line, blank lines skipped."""
+    return [line for line in read_utf8(path, "texts file").splitlines() if line.strip()]
+
+
+def read_manifest(path: Path) -> List[BatchItem]:
+    """Pairs from a JSONL (one object per line) or CSV (header row) manifest; `image` and `text`
+    must be strings (InputError naming the row otherwise)."""
+    rows = []
+    text = read_utf8(path, "manifest")
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     else:
@@ -96,8 +117,11 @@ def read_manifest(path: Path) -> List[BatchItem]:
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or "image" not in row or "text" not in row:
             raise InputError(f"{path}: row {number} needs 'image' and 'text' fields")
-    ids = _unique_ids(row.get("id") or f"{Path(str(row['image'])).stem}_{i}" for i, row in enumerate(rows))
-    return [BatchItem(i, (path.parent / str(row["image"])).resolve(), str(row["text"])) for i, row in zip(ids, rows)]
+        for field in ("image", "text"):
+            if not isinstance(row[field], str):
+                raise InputError(f"{path}: row {number}: '{field}' must be a string, got {json.dumps(row[field])}")
+    ids = _unique_ids(row.get("id") or f"{Path(row['image']).stem}_{i}" for i, row in enumerate(rows))
+    return [BatchItem(i, (path.parent / row["image"]).resolve(), row["text"]) for i, row in zip(ids, rows)]
 
 
 def read_folder(folder: Path, texts: List[str]) -> List[BatchItem]:
@@ -121,7 +145,8 @@ def read_folder(folder: Path, texts: List[str]) -> List[BatchItem]:
 def _text_slug(text: str) -> str:
     """A short file-name part for a text: its first words joined by '-', and 6 hex digits of its sha1."""
     words = "-".join(_UNSAFE.sub("", word) for word in text.lower().split())[:40].strip("-")
-    return f"{words or 'text'}_{hashlib.sha1(text.encode('utf-8')).hexdigest()[:6]}"
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()  # text that is not valid Unicode fails later
+    return f"{words or 'text'}_{digest[:6]}"
 
 
 def _read_jsonl(path: Path) -> List[dict]:

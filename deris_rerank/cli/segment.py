@@ -54,7 +54,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Process a manifest or a folder of images into an output folder."""
-    from ..batch import read_folder, read_manifest, run_batch
+    from ..batch import read_folder, read_manifest, read_texts, run_batch
     from ..errors import InputError
 
     if bool(args.manifest) == bool(args.images):
@@ -64,7 +64,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     else:
         texts = [args.text] if args.text else []
         if args.texts_file:
-            texts += [t for t in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if t.strip()]
+            texts += read_texts(Path(args.texts_file))
         items = read_folder(Path(args.images), texts)
     if args.engine == "ray":
         from ..distributed import run_batch as run_batch_ray
