@@ -8,7 +8,8 @@ Output folder:
     results.jsonl    one line per finished pair
     errors.jsonl     one line per failed pair, with the reason
     summary.json     counts, speed and the run's identity
-    run.json         the run's identity (model, tokenizer and gate hashes, decision rule, dtype, ...)
+    run.json         the run's identity (model, tokenizer and gate hashes, decision rule, dtype, batch size,
+                     torch threads, ...)
 A rerun into the same folder skips the ids already in results.jsonl, but only when it has the
 same identity and each finished id was made for the same image and text; otherwise it stops
 with a message naming the differences (OutputMismatchError), and `overwrite=True` starts
@@ -39,7 +40,7 @@ from .fileio import atomic_write
 from .pipeline import Pipeline
 from .tokenizer import shorten_text
 from .rle import encode_mask
-from .run_identity import identity_differences, pipeline_identity
+from .run_identity import engine_identity, identity_differences, pipeline_identity
 from .visualize import save_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -185,10 +186,12 @@ def run_batch(
 ) -> dict:
     """Process `items` into `out_dir` (see the module docstring). Returns the summary dict.
 
-    Raises OutputMismatchError, before any work, when `out_dir` holds results of another run
-    identity or for other inputs under the same ids (unless overwrite=True).
+    The run's identity includes batch_size and torch's thread count (`engine_identity`): a resumed
+    run ends byte-identical to an uninterrupted one only with the same ones. Raises
+    OutputMismatchError, before any work, when `out_dir` holds results of another run identity or
+    for other inputs under the same ids (unless overwrite=True).
     """
-    output = BatchOutput(out_dir, items, pipeline_identity(pipe), overwrite=overwrite)
+    output = BatchOutput(out_dir, items, {**pipeline_identity(pipe), **engine_identity(batch_size)}, overwrite=overwrite)
     todo = output.todo
     start = time.perf_counter()
     with tqdm(total=len(todo), unit="pair", disable=not progress, dynamic_ncols=True) as bar:
