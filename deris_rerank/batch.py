@@ -2,7 +2,10 @@
 
 Input: a JSONL or CSV manifest with `image`, `text` and optional `id` (image paths relative to
 the manifest), or a folder of images with one expression for all or a texts file (`read_texts`).
-Both are read as UTF-8 (a byte-order mark is allowed).
+Both are read as UTF-8 (a byte-order mark is allowed). Either way, each pair's `image` is
+recorded (results.jsonl, errors.jsonl) as its absolute path: made absolute from where it was
+given (the manifest's folder, or the current folder for --images) and normalised, symbolic links
+kept as they are.
 Output folder:
     masks/<id>.png   the selected mask (0/255)
     results.jsonl    one line per finished pair
@@ -51,7 +54,8 @@ IDENTITY_FILE = "run.json"
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One pair to process: `id` names its outputs (already sanitised and unique)."""
+    """One pair to process: `id` names its outputs (already sanitised and unique); `image` is the
+    absolute path recorded for it (`absolute_image`)."""
 
     id: str
     image: Path
@@ -76,6 +80,11 @@ def _unique_ids(raw_ids: Iterable[str]) -> List[str]:
         used.add(candidate)
         ids.append(candidate)
     return ids
+
+
+def absolute_image(path: Path) -> Path:
+    """The path a pair's image is recorded under: absolute and normalised (`..` removed), links not followed."""
+    return Path(os.path.abspath(path))
 
 
 def read_utf8(path: Path, what: str) -> str:
@@ -122,7 +131,7 @@ def read_manifest(path: Path) -> List[BatchItem]:
             if not isinstance(row[field], str):
                 raise InputError(f"{path}: row {number}: '{field}' must be a string, got {json.dumps(row[field])}")
     ids = _unique_ids(row.get("id") or f"{Path(row['image']).stem}_{i}" for i, row in enumerate(rows))
-    return [BatchItem(i, (path.parent / row["image"]).resolve(), row["text"]) for i, row in zip(ids, rows)]
+    return [BatchItem(i, absolute_image(path.parent / row["image"]), row["text"]) for i, row in zip(ids, rows)]
 
 
 def read_folder(folder: Path, texts: List[str]) -> List[BatchItem]:
@@ -135,7 +144,7 @@ def read_folder(folder: Path, texts: List[str]) -> List[BatchItem]:
         raise InputError(f"image folder not found: {folder}")
     if not texts:
         raise InputError("a folder of images needs --text or --texts-file")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(absolute_image(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     raw = [image.stem if len(texts) == 1 else f"{image.stem}_{_text_slug(text)}" for image in images for text in texts]

@@ -118,6 +118,16 @@ def test_extract_records_batch_size_and_threads(tiny_model_dir, tmp_path, capsys
     assert len(errors) == 1 and "batch_size 4 -> 2" in errors[0]
 
 
+def test_the_recorded_image_is_absolute_in_folder_and_manifest_mode(tiny_model_dir, images, tmp_path, monkeypatch):
+    monkeypatch.chdir(images.parent)
+    assert run(tiny_model_dir, tmp_path / "folder", "--images", images.name, "--text", "the red car") == 0
+    (images / "pairs.jsonl").write_text(json.dumps({"image": "../images/./img0.png", "text": "the red car"}) + "\n")
+    assert run(tiny_model_dir, tmp_path / "manifest", "--manifest", str(images / "pairs.jsonl")) == 0
+    (folder, _), (manifest,) = ([json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+                                for name in ("folder", "manifest"))
+    assert folder["image"] == manifest["image"] == str(images / "img0.png")
+
+
 def test_other_text_for_the_same_ids_stops(tiny_model_dir, images, tmp_path, capsys):
     out = tmp_path / "out"
     assert run(tiny_model_dir, out, "--images", str(images), "--text", "the red car") == 0
