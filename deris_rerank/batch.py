@@ -1,13 +1,18 @@
 """Batch processing of many image-text pairs into an output folder, resumable and crash-safe.
 
 Input: a JSONL or CSV manifest with `image`, `text` and optional `id` (image paths relative to
-the manifest), or a folder of images with one expression for all or a texts file.
+the manifest), or a folder of images with one expression for all or a texts file (`read_texts`).
+Both are read as UTF-8 (a byte-order mark is allowed). Either way, each pair's `image` is
+recorded (results.jsonl, errors.jsonl) as its absolute path: made absolute from where it was
+given (the manifest's folder, or the current folder for --images) and normalised, symbolic links
+kept as they are.
 Output folder:
     masks/<id>.png   the selected mask (0/255)
     results.jsonl    one line per finished pair
     errors.jsonl     one line per failed pair, with the reason
     summary.json     counts, speed and the run's identity
-    run.json         the run's identity (model, tokenizer and gate hashes, decision rule, dtype, ...)
+    run.json         the run's identity (model, tokenizer and gate hashes, decision rule, dtype, batch size,
+                     torch threads, ...)
 A rerun into the same folder skips the ids already in results.jsonl, but only when it has the
 same identity and each finished id was made for the same image and text; otherwise it stops
 with a message naming the differences (OutputMismatchError), and `overwrite=True` starts
@@ -19,6 +24,7 @@ and resumed run ends with the same files as an uninterrupted one (timings aside)
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import json
@@ -37,7 +43,7 @@ from .fileio import atomic_write
 from .pipeline import Pipeline
 from .tokenizer import shorten_text
 from .rle import encode_mask
-from .run_identity import identity_differences, pipeline_identity
+from .run_identity import engine_identity, identity_differences, pipeline_identity
 from .visualize import save_png
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -48,7 +54,8 @@ IDENTITY_FILE = "run.json"
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One pair to process: `id` names its outputs (already sanitised and unique)."""
+    """One pair to process: `id` names its outputs (already sanitised and unique); `image` is the
+    absolute path recorded for it (`absolute_image`)."""
 
     id: str
     image: Path
@@ -75,15 +82,39 @@ def _unique_ids(raw_ids: Iterable[str]) -> List[str]:
     return ids
 
 
-def read_manifest(path: Path) -> List[BatchItem]:
-    """Pairs from a JSONL (one object per line) or CSV (header row) manifest."""
+def absolute_image(path: Path) -> Path:
+    """The path a pair's image is recorded under: absolute and normalised (`..` removed), links not followed."""
+    return Path(os.path.abspath(path))
+
+
+def read_utf8(path: Path, what: str) -> str:
+    """The text of the UTF-8 file `path` (a byte-order mark dropped); InputError naming `what`, the
+    file and, for a byte that is not UTF-8, its line."""
     if not path.is_file():
-        raise InputError(f"manifest not found: {path}")
-    rows = []
+        raise InputError(f"{what} not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read manifest {path}: {exc}") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    data = data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{what} {path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 text; "
+                         "save the file as UTF-8") from None
+
+
+def read_texts(path: Path) -> List[str]:
+    """The expressions of a texts file: one per line, blank lines skipped."""
+    return [line for line in read_utf8(path, "texts file").splitlines() if line.strip()]
+
+
+def read_manifest(path: Path) -> List[BatchItem]:
+    """Pairs from a JSONL (one object per line) or CSV (header row) manifest; `image` and `text`
+    must be strings (InputError naming the row otherwise)."""
+    rows = []
+    text = read_utf8(path, "manifest")
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     else:
@@ -96,8 +127,11 @@ def read_manifest(path: Path) -> List[BatchItem]:
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or "image" not in row or "text" not in row:
             raise InputError(f"{path}: row {number} needs 'image' and 'text' fields")
-    ids = _unique_ids(row.get("id") or f"{Path(str(row['image'])).stem}_{i}" for i, row in enumerate(rows))
-    return [BatchItem(i, (path.parent / str(row["image"])).resolve(), str(row["text"])) for i, row in zip(ids, rows)]
+        for field in ("image", "text"):
+            if not isinstance(row[field], str):
+                raise InputError(f"{path}: row {number}: '{field}' must be a string, got {json.dumps(row[field])}")
+    ids = _unique_ids(row.get("id") or f"{Path(row['image']).stem}_{i}" for i, row in enumerate(rows))
+    return [BatchItem(i, absolute_image(path.parent / row["image"]), row["text"]) for i, row in zip(ids, rows)]
 
 
 def read_folder(folder: Path, texts: List[str]) -> List[BatchItem]:
@@ -110,7 +144,7 @@ def read_folder(folder: Path, texts: List[str]) -> List[BatchItem]:
         raise InputError(f"image folder not found: {folder}")
     if not texts:
         raise InputError("a folder of images needs --text or --texts-file")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = sorted(absolute_image(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not images:
         raise InputError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     raw = [image.stem if len(texts) == 1 else f"{image.stem}_{_text_slug(text)}" for image in images for text in texts]
@@ -121,7 +155,8 @@ def read_folder(folder: Path, texts: List[str]) -> List[BatchItem]:
 def _text_slug(text: str) -> str:
     """A short file-name part for a text: its first words joined by '-', and 6 hex digits of its sha1."""
     words = "-".join(_UNSAFE.sub("", word) for word in text.lower().split())[:40].strip("-")
-    return f"{words or 'text'}_{hashlib.sha1(text.encode('utf-8')).hexdigest()[:6]}"
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()  # text that is not valid Unicode fails later
+    return f"{words or 'text'}_{digest[:6]}"
 
 
 def _read_jsonl(path: Path) -> List[dict]:
@@ -160,10 +195,12 @@ def run_batch(
 ) -> dict:
     """Process `items` into `out_dir` (see the module docstring). Returns the summary dict.
 
-    Raises OutputMismatchError, before any work, when `out_dir` holds results of another run
-    identity or for other inputs under the same ids (unless overwrite=True).
+    The run's identity includes batch_size and torch's thread count (`engine_identity`): a resumed
+    run ends byte-identical to an uninterrupted one only with the same ones. Raises
+    OutputMismatchError, before any work, when `out_dir` holds results of another run identity or
+    for other inputs under the same ids (unless overwrite=True).
     """
-    output = BatchOutput(out_dir, items, pipeline_identity(pipe), overwrite=overwrite)
+    output = BatchOutput(out_dir, items, {**pipeline_identity(pipe), **engine_identity(batch_size)}, overwrite=overwrite)
     todo = output.todo
     start = time.perf_counter()
     with tqdm(total=len(todo), unit="pair", disable=not progress, dynamic_ncols=True) as bar:

@@ -14,7 +14,8 @@ Shape of a job:
 Because every chunk is one model run of the same pairs as in the local engine, results are
 byte-identical to `--engine local` (float32 sums depend on the batch's composition, so the
 batches must be the same; and on the torch thread count: a replica runs with as many threads
-as its whole CPUs, at least 1, so compare with a local run at that many threads).
+as its whole CPUs, at least 1 (`replica_threads`), so compare with a local run at that many
+threads, `--threads N`). Both are part of the run's identity (`run_identity.engine_identity`).
 A resumed batch run plans its chunks over the whole list, skips chunks already finished and runs
 a partly finished chunk whole (writing only its missing pairs), so a killed and resumed run
 forms the same batches as an uninterrupted one.
@@ -39,9 +40,10 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from tqdm import tqdm
 
 from .batch import BatchItem, BatchOutput, result_record
-from .errors import DerisRerankError, EmbeddedDefaultWarning, InputError
+from .errors import DerisRerankError, EmbeddedDefaultWarning, InputError, install_hint
+from .run_identity import engine_identity
 
-INSTALL_HINT = 'the Ray engine needs Ray Data: pip install "deris-rerank[ray]" (or pip install "ray[data]>=2.60")'
+INSTALL_HINT = "the Ray engine needs Ray Data: " + install_hint("ray", '"ray[data]>=2.60"')
 DECODE_CPUS = 0.25  # logical CPUs reserved by each decode task (light next to a model replica)
 MAX_BLOCKS = 1000  # Ray Data blocks the chunk rows are split into (at most)
 
@@ -161,6 +163,11 @@ def placement(ray, resources: Resources, device: str = "auto") -> Tuple[int, flo
     return replicas, gpus_each, cpus_each
 
 
+def replica_threads(cpus_per_replica: float) -> int:
+    """torch's CPU threads in a replica with `cpus_per_replica` CPUs: its whole CPUs, at least 1."""
+    return max(1, int(cpus_per_replica))
+
+
 # ----------------------------------------------------------------------------------- workers
 def _probe(spec: PipelineSpec, protocol: Optional[str], source: Optional[dict]) -> dict:
     """Runs as a Ray task with a replica's resources: build the pipeline once and report what the
@@ -272,10 +279,10 @@ def _reemit(caught: Sequence[Tuple[type, str]]) -> None:
 
 def _stream(spec: PipelineSpec, resources: Resources, mode: str, batch_size: int, protocol: Optional[str],
             source: Optional[dict], plan, ordered: bool = False) -> Iterator[dict]:
-    """Connect and probe; `plan(report, replicas)` checks the outputs against the probe's report
-    before any work and returns the chunks to run; run them on the cluster and yield each chunk's
-    outcomes as it arrives (ordered: in the chunks' order, a late chunk held back until the ones
-    before it are done)."""
+    """Connect and probe; `plan(report, replicas, threads)` (threads: each replica's torch threads)
+    checks the outputs against the probe's report before any work and returns the chunks to run;
+    run them on the cluster and yield each chunk's outcomes as it arrives (ordered: in the chunks'
+    order, a late chunk held back until the ones before it are done)."""
     ray = connect(resources.address)
     replicas, gpus_each, cpus_each = placement(ray, resources, spec.device)
     spec = spec.resolved()
@@ -288,7 +295,8 @@ def _stream(spec: PipelineSpec, resources: Resources, mode: str, batch_size: int
             raise DerisRerankError(str(cause).strip().splitlines()[-1]) from None
         raise
     _reemit(report["warnings"])
-    chunks = plan(report, replicas)
+    threads = replica_threads(cpus_each)
+    chunks = plan(report, replicas, threads)
     if not chunks:
         return
     rows = [{"chunk": n, "payload": ray.cloudpickle.dumps(chunk)} for n, chunk in enumerate(chunks)]
@@ -297,7 +305,7 @@ def _stream(spec: PipelineSpec, resources: Resources, mode: str, batch_size: int
     dataset = dataset.map_batches(
         _Replica, batch_size=1, batch_format="numpy", num_cpus=cpus_each, num_gpus=gpus_each,
         compute=ray.data.ActorPoolStrategy(size=replicas),
-        fn_constructor_args=(spec, mode, batch_size, protocol, max(1, int(cpus_each))),
+        fn_constructor_args=(spec, mode, batch_size, protocol, threads),
     )
     options = ray.data.DataContext.get_current().execution_options
     before, options.preserve_order = options.preserve_order, ordered
@@ -331,8 +339,9 @@ def run_batch(
     pairs = [(item.image, item.text) for item in items]
     state: Dict[str, Any] = {}
 
-    def plan(report, replicas):
-        output = BatchOutput(out_dir, items, report["identity"], overwrite=overwrite)
+    def plan(report, replicas, threads):
+        output = BatchOutput(out_dir, items, {**report["identity"], **engine_identity(batch_size, threads)},
+                             overwrite=overwrite)
         state.update(output=output, replicas=replicas)
         return [  # every chunk with a pair still to do, whole: the same batches as an uninterrupted run
             {"groups": _groups(pairs, chunk, lambda i: {"ref": i, "text": items[i].text, "item": items[i]})}
@@ -376,8 +385,9 @@ def run_extract(
     check_extract_inputs(samples, protocol)
     state: Dict[str, Any] = {}
 
-    def plan(report, replicas):
-        jobs, counts = plan_extract(samples, out_dir, report["provenance"], shard_size, worker, overwrite)
+    def plan(report, replicas, threads):
+        provenance = {**report["provenance"], **engine_identity(batch_size, threads)}
+        jobs, counts = plan_extract(samples, out_dir, provenance, shard_size, worker, overwrite)
         state.update(jobs=jobs, counts=counts)
         chunks = []
         for j, job in enumerate(jobs):

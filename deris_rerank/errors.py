@@ -6,6 +6,17 @@ traceback.
 """
 
 
+def install_hint(extra: str, packages: str = "") -> str:
+    """How to install this package's optional extra `extra`. The package is not on PyPI, so from
+    its checkout; `packages`, when given, are the extra's packages in pip's spelling, an alternative.
+
+    install_hint("ray", '"ray[data]>=2.60"') -> 'pip install -e ".[ray]" in the deris-rerank
+    checkout (or pip install "ray[data]>=2.60")'
+    """
+    command = f'pip install -e ".[{extra}]" in the deris-rerank checkout'
+    return f"{command} (or pip install {packages})" if packages else command
+
+
 class DerisRerankError(Exception):
     """Base class for user-facing errors (bad input, missing or wrong files)."""
 

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 from urllib.parse import unquote
 
-from .errors import CheckpointError
+from .errors import CheckpointError, install_hint
 
 PathLike = Union[str, os.PathLike]
 
 HUB_PREFIX = "hf://"
 HUB_FORMS = "hf://OWNER/REPO/PATH or hf://OWNER/REPO@REVISION/PATH"
-HUB_INSTALL = "pip install 'deris-rerank[hub]'"
+HUB_INSTALL = install_hint("hub", "huggingface_hub")
 # hf:// URIs of other kinds of repository start with these (huggingface_hub's type prefixes).
 _OTHER_REPO_KINDS = frozenset({"datasets", "spaces", "buckets", "kernels"})
 # OWNER/REPO, then optionally @REVISION (refs/pr/N and refs/convert/NAME keep their slashes;

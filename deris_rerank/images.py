@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -19,9 +20,10 @@ from PIL import Image, ImageOps
 
 from .errors import InputError
 
-# Largest image file `load_image` decodes, in pixels: Pillow's decompression-bomb error
-# threshold, 2 * PIL.Image.MAX_IMAGE_PIXELS at its default (89,478,485), written out so that
-# a changed Pillow setting does not move it.
+# Largest image file `load_image` decodes, in pixels (about 179 megapixels, 0.54 GB as RGB):
+# our own limit, the only one that applies. Its value is that of Pillow's default
+# decompression-bomb error threshold (2 * 89,478,485), written out; Pillow's own setting and its
+# warning (at half of it) play no part, as Pillow only reads the header.
 MAX_IMAGE_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
@@ -31,6 +33,7 @@ _SOURCES_EXPECTED = (
     "expected a file path, a PIL.Image or a uint8 NumPy array (H, W, 3) in RGB order, "
     "or a torch tensor [3, H, W] (uint8, or floating in [0, 1])"
 )
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # http://, https://, s3://, ...
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # FF then a byte that starts a marker: not 00 (stuffing), D0-D7 (restart) or FF (fill)
@@ -50,7 +53,9 @@ def load_image(source: ImageSource) -> np.ndarray:
         Before decoding, Pillow reads the header (only the header) and files above
         MAX_IMAGE_PIXELS pixels are refused; formats Pillow cannot identify go to OpenCV
         unchecked (OpenCV caps them at 2**30 pixels). JPEG and PNG files that stop before
-        their end marker are refused as truncated;
+        their end marker are refused as truncated, and a PNG signature followed by anything
+        but PNG chunks as not a valid PNG. A URL (https://...) is refused: nothing is
+        fetched from the network;
       - a PIL image: EXIF orientation applied (`ImageOps.exif_transpose`), then converted
         to RGB as OpenCV does for files: alpha dropped, 16-bit grey (modes I;16*, and I
         holding 0..65535) scaled as value >> 8; CMYK and other modes through Pillow's
@@ -81,6 +86,9 @@ def _decode_image_file(source: Union[str, os.PathLike]) -> np.ndarray:
     if not name:
         raise InputError("image path is empty; expected the path of an image file")
     path = Path(name).expanduser()
+    if _URL.match(name) and not path.exists():
+        raise InputError(f"image {name!r} is a URL, and images are not fetched from the network: download the file "
+                         "and pass its path")
     if path.is_dir():
         raise InputError(f"image path {path} is a directory; expected an image file")
     if not path.exists():
@@ -106,19 +114,16 @@ def load_image_bytes(data: bytes, path: str = "<bytes>", max_pixels: int = MAX_I
     limit = "decompression-bomb limit" if max_pixels == MAX_IMAGE_PIXELS else "limit"
     if not data:
         raise InputError(f"image file {path} is empty (0 bytes); expected an image file")
-    header = _read_image_header(path, data)
+    header = _read_image_header(data)
     if header is not None and header[1] * header[2] > max_pixels:
         kind, width, height = header
         raise InputError(
             f"image file {path} is a {width}x{height} {kind} ({width * height:,} pixels), above the "
             f"{limit} of {max_pixels:,} pixels; downscale it first"
         )
-    truncated_kind = _truncated_format(data)
-    if truncated_kind is not None:
-        raise InputError(
-            f"image file {path} is truncated (the {truncated_kind} data stops before its end marker); "
-            "re-download or re-export it"
-        )
+    damage = _damage(data)
+    if damage is not None:
+        raise InputError(f"image file {path} {damage}")
     try:
         bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error as exc:
@@ -136,29 +141,46 @@ def load_image_bytes(data: bytes, path: str = "<bytes>", max_pixels: int = MAX_I
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _read_image_header(path: Path, data: bytes) -> Optional[Tuple[str, int, int]]:
+def _read_image_header(data: bytes) -> Optional[Tuple[str, int, int]]:
     """(format, width, height) from the header Pillow parses, or None if Pillow does not identify the data.
 
-    Pillow's own decompression-bomb error (raised when its `Image.MAX_IMAGE_PIXELS` setting
-    is lower than ours) becomes an InputError too; Pillow's DecompressionBombWarning (images
-    above its warning threshold, half of ours) is left as it is.
+    Pillow's format plugins are asked in turn, as `Image.open` asks them (the common formats
+    first), but without its decompression-bomb check: its warning ("could be decompression bomb DOS attack", above its
+    `Image.MAX_IMAGE_PIXELS`) and error would speak before our own limit, which is checked on
+    the size returned here (and without touching the process-wide warning filters, which decoding
+    threads must not do).
     """
-    try:
-        with Image.open(io.BytesIO(data)) as header:
-            width, height = header.size
-            return str(header.format), width, height
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"image file {path} is too large to decode safely: {_one_line(exc).rstrip('.')}; downscale it first") from None
-    except (OSError, SyntaxError, ValueError):
-        return None
+    Image.preinit()
+    common = list(Image.ID)
+    Image.init()
+    prefix = data[:16]
+    for kind in common + [kind for kind in Image.ID if kind not in common]:
+        factory, accept = Image.OPEN[kind]
+        verdict = accept is None or accept(prefix)
+        if not verdict or isinstance(verdict, str):  # a str: "looks like this format, but cannot be read"
+            continue
+        try:
+            with factory(io.BytesIO(data)) as header:
+                width, height = header.size
+                return str(header.format), width, height
+        except (OSError, SyntaxError, ValueError, IndexError, TypeError, EOFError, struct.error):
+            continue
+    return None
 
 
-def _truncated_format(data: bytes) -> Optional[str]:
-    """The format name, "JPEG" or "PNG", when `data` is such a file cut before its end marker, else None."""
-    if data.startswith(_JPEG_SIGNATURE):
-        return None if _jpeg_reaches_end(data) else "JPEG"
+def _damage(data: bytes) -> Optional[str]:
+    """What is wrong with a JPEG or PNG file that OpenCV might decode regardless, as the end of a
+    sentence ("is truncated (...)", "is not a valid PNG (...)"), or None."""
+    truncated = "is truncated (the {} data stops before its end marker); re-download or re-export it"
+    if data.startswith(_JPEG_SIGNATURE) and not _jpeg_reaches_end(data):
+        return truncated.format("JPEG")
     if data.startswith(_PNG_SIGNATURE):
-        return None if _png_reaches_end(data) else "PNG"
+        chunks = _png_chunks(data)
+        if chunks == "invalid":
+            return ("is not a valid PNG (it starts with the PNG signature, but what follows is not PNG data); "
+                    "check where it came from, or re-export it")
+        if chunks == "truncated":
+            return truncated.format("PNG")
     return None
 
 
@@ -187,16 +209,20 @@ def _jpeg_reaches_end(data: bytes) -> bool:
         position = marker.end() + int.from_bytes(length, "big")
 
 
-def _png_reaches_end(data: bytes) -> bool:
-    """Whether the PNG chunks in `data` (length, type, payload, CRC) run whole up to IEND."""
+def _png_chunks(data: bytes) -> str:
+    """How the PNG chunks in `data` (length, type, payload, CRC) run: "complete" (whole up to IEND),
+    "truncated" (well-formed until the data stops) or "invalid" (the first is not IHDR, or a type is
+    not four ASCII letters: not PNG data at all)."""
     position = len(_PNG_SIGNATURE)
     while position + 8 <= len(data):
         length = int.from_bytes(data[position : position + 4], "big")
         kind = data[position + 4 : position + 8]
+        if not kind.isalpha() or not kind.isascii() or (position == len(_PNG_SIGNATURE) and kind != b"IHDR"):
+            return "invalid"
         position += 12 + length
         if kind == b"IEND":
-            return position <= len(data)
-    return False
+            return "complete" if position <= len(data) else "truncated"
+    return "truncated"
 
 
 def _rgb_from_pil(image: Image.Image) -> np.ndarray:

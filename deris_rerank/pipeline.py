@@ -254,6 +254,9 @@ class Pipeline:
 
         image: a path, PIL image, uint8 [H, W, 3] RGB array, [3, H, W] tensor, or an `EncodedImage`
         from `encode`."""
+        if not isinstance(text, (str, list, tuple)):
+            hint = " (decode it first: text.decode(\"utf-8\"))" if isinstance(text, (bytes, bytearray)) else ""
+            raise InputError(f"text: expected a string or a list of strings, got {_type_name(text)}{hint}")
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise InputError("text: expected a non-empty string or a list of them")
@@ -279,7 +282,7 @@ class Pipeline:
         overlaps with the model's work on the current one (a thread pool). A bad image or
         text gives that pair's error and the rest go on.
         """
-        pairs = list(pairs)
+        pairs = _checked_pairs(pairs)
         for item in self.iter_candidates(pairs, batch_size, workers):
             if isinstance(item, CandidateBatch):
                 yield from self._results(item, pairs)
@@ -294,8 +297,10 @@ class Pipeline:
         pairs: (image, text) or (image, text, group key); pairs with equal keys share one image
         decode and encode (default key: the resolved path, or the image object itself). An image
         may also be a zero-argument callable returning a uint8 [H, W, 3] RGB array (generated data).
-        Yields a `CandidateBatch` per model run, and (pair index, error) for each bad pair.
+        Yields a `CandidateBatch` per model run, and (pair index, error) for each bad pair; raises
+        InputError, before any work, when `pairs` is not a list of such tuples.
         """
+        pairs = _checked_pairs(pairs)
         chunks = plan_chunks(pairs, batch_size)
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             loading = [pool.submit(self._load_images, pairs, chunks[0])] if chunks else []
@@ -411,9 +416,27 @@ def _image_key(image: Any) -> Any:
     return str(Path(image).resolve()) if isinstance(image, (str, os.PathLike)) else id(image)
 
 
+def _type_name(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def _checked_pairs(pairs: Any) -> List[Tuple]:
+    """`pairs` as a list, or InputError naming the first item that is not an (image, text[, key]) tuple."""
+    if isinstance(pairs, (str, bytes, os.PathLike)) or not isinstance(pairs, Iterable):
+        raise InputError(f"pairs: expected a list of (image, text) tuples, got {_type_name(pairs)}")
+    pairs = list(pairs)
+    for index, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 3):
+            got = (f"a {type(pair).__name__} of {len(pair)} item{'' if len(pair) == 1 else 's'}"
+                   if isinstance(pair, (tuple, list)) else _type_name(pair))
+            hint = " (one pair? call pipe(image, text))" if isinstance(pair, (str, os.PathLike)) else ""
+            raise InputError(f"pair {index}: expected an (image, text) or (image, text, group key) tuple, got {got}{hint}")
+    return pairs
+
+
 def _checked_text(text: Any) -> str:
     if not isinstance(text, str):
-        raise InputError(f"text: expected a string, got {type(text).__name__}")
+        raise InputError(f"text: expected a string, got {_type_name(text)}")
     if not text.strip():
         raise InputError("text is empty: give a referring expression such as \"man on the left\"")
     return text

@@ -3,7 +3,9 @@
 Batch outputs (`run.json` in the output folder) and feature caches (each shard's provenance)
 record the identity of the run that made them: the DeRIS weights' sha256 and config, the
 tokenizer's and gate's sha256, the gate's decision rule (tau included), dtype, batch semantics,
-query source and the package version. A rerun into the same place compares its own identity
+query source and the package version, and the engine's settings that change float32 sums' last
+bits (`engine_identity`: pairs per model run and torch's CPU thread count). A rerun into the same
+place compares its own identity
 with the recorded one and stops, naming every difference, when they differ, so results made
 with different settings are never mixed (`--overwrite` starts afresh instead).
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
@@ -75,32 +77,47 @@ def pipeline_identity(pipe) -> Dict[str, Any]:
     }
 
 
+def engine_identity(batch_size: int, threads: Optional[int] = None) -> Dict[str, int]:
+    """The engine settings a run's results depend on to the last bit, beside `pipeline_identity`.
+
+    batch_size: pairs per model run (float32 sums depend on a batch's composition); threads:
+    torch's CPU threads (a sum split over more threads is added in another order); None: this
+    process's `torch.get_num_threads()`. Recorded and compared on every device.
+    """
+    return {"batch_size": int(batch_size), "threads": torch.get_num_threads() if threads is None else int(threads)}
+
+
 def identity_differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> List[str]:
     """Human-readable differences between two identities, ignoring INFO_KEYS.
 
-    Nested keys are joined with dots; long values (hashes) are shortened:
-    ["gate.rule.tau 0.7 -> 0.5", "model.sha256 3f2a9c1e... -> 77b0d4aa..."].
+    Nested keys are joined with dots; long values (hashes) are shortened; a part present on one
+    side only (a gate added or removed) is one line, shown by its sha256 when it has one:
+    ["gate.rule.tau 0.7 -> 0.5", "model.sha256 3f2a9c1e... -> 77b0d4aa...", "gate 9c0e41b7... -> none"].
     """
-    old, new = (_flatten(json.loads(json.dumps(x))) for x in (recorded, current))  # tuples read back as lists
-    return [
-        f"{key} {_show(old.get(key, '(none)'))} -> {_show(new.get(key, '(none)'))}"
-        for key in sorted(set(old) | set(new))
-        if old.get(key, "(none)") != new.get(key, "(none)")
-    ]
+    old, new = (json.loads(json.dumps(x)) for x in (recorded, current))  # tuples read back as lists
+    return _differences(old, new, "")
 
 
-def _flatten(identity: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
-    flat: Dict[str, Any] = {}
-    for key, value in identity.items():
+_MISSING = object()
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str) -> List[str]:
+    lines = []
+    for key in sorted(set(old) | set(new)):
         if not prefix and key in INFO_KEYS:
             continue
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            lines += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key} {_show(a)} -> {_show(b)}")
+    return lines
 
 
 def _show(value: Any) -> str:
+    if value is _MISSING:
+        return "(none)"
+    if isinstance(value, Mapping):
+        return _show(value["sha256"]) if "sha256" in value else json.dumps(value, sort_keys=True)[:60]
     text = "none" if value is None else str(value)
     return text[:8] + "..." if len(text) > 16 and all(c in "0123456789abcdef" for c in text) else text

@@ -51,6 +51,24 @@ def shorten_text(text: str, limit: int = 80) -> str:
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def check_unicode(text: str, what: str = "text") -> str:
+    """Return `text` if it is valid Unicode (it has a UTF-8 form), else raise InputError naming it.
+
+    What fails is a lone surrogate such as '\\udcff': Python makes one of each byte that is not
+    UTF-8 in a command-line argument or file name, and JSON can spell one ("\\udcff"). Such text
+    cannot reach sentencepiece (or be written to a UTF-8 file), so it is refused here, at the
+    door, with one line; `what` names the input in it.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{what} {shorten_text(text)} is not valid Unicode text (character {exc.start + 1} is a lone surrogate, "
+            f"{text[exc.start]!r}: a byte that was not UTF-8); give the expression in UTF-8"
+        ) from None
+    return text
+
+
 class Beit3Tokenizer:
     """BEiT-3 text tokenizer: upstream's cleaning, then the BEiT-3 sentencepiece model.
 
@@ -88,7 +106,7 @@ class Beit3Tokenizer:
         """Ids of the cleaned text, without bos/eos/padding. Raises InputError if there are none."""
         if not isinstance(text, str):
             raise InputError(f"text: expected a str, got {type(text).__name__}")
-        cleaned = clean_text(text)
+        cleaned = clean_text(check_unicode(text))
         if not cleaned.strip():
             raise InputError(f"text {text!r} is empty after cleaning; expected at least one word")
         chunks = [chunk for chunk in self._special_split.split(cleaned) if chunk]

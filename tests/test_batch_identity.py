@@ -2,9 +2,12 @@
 import json
 from pathlib import Path
 
+import warnings
+
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from deris_rerank import cli
 
@@ -47,22 +50,82 @@ def test_same_settings_resume_and_identity_is_recorded(tiny_model_dir, images, t
     assert again["skipped_already_done"] == 2 and again["processed_this_run"] == 0
 
 
-@pytest.mark.parametrize("change, needle", [
-    (["--tau", "0.9"], "tau 0.3 -> 0.9"),
-    (["--no-gate"], "gate"),
+@pytest.mark.parametrize("first, change, needle", [
+    ([], ["--tau", "0.9"], "tau 0.3 -> 0.9"),
+    ([], ["--batch-size", "1"], "batch_size 8 -> 1"),  # float32 sums depend on the batch: results would differ
+    (["--threads", "2"], ["--threads", "1"], "threads 2 -> 1"),  # ... and on torch's thread count
 ])
-def test_other_settings_stop_before_touching_anything(tiny_model_dir, images, tmp_path, capsys, change, needle):
+def test_other_settings_stop_before_touching_anything(tiny_model_dir, images, tmp_path, capsys, first, change, needle):
     out = tmp_path / "out"
-    assert run(tiny_model_dir, out, "--images", str(images), "--text", "man on the left") == 0
+    assert run(tiny_model_dir, out, "--images", str(images), "--text", "man on the left", *first) == 0
     before = snapshot(out)
     capsys.readouterr()
-    no_gate = "--no-gate" in change
-    code = run(tiny_model_dir, out, "--images", str(images), "--text", "man on the left",
-               *[a for a in change if a != "--no-gate"], gate=not no_gate)
+    code = run(tiny_model_dir, out, "--images", str(images), "--text", "man on the left", *change)
     errors = error_lines(capsys)
     assert code == 2 and len(errors) == 1
     assert needle in errors[0] and "--overwrite" in errors[0] and str(out) in errors[0]
     assert snapshot(out) == before
+
+
+def test_a_removed_gate_is_one_line_with_its_hash(tiny_model_dir, images, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(tiny_model_dir, out, "--images", str(images), "--text", "man on the left") == 0
+    sha256 = json.loads((out / "run.json").read_text())["gate"]["sha256"]
+    capsys.readouterr()
+    assert run(tiny_model_dir, out, "--images", str(images), "--text", "man on the left", gate=False) == 2
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and f"(gate {sha256[:8]}... -> none)" in errors[0]  # and no line per rule setting
+    assert run(tiny_model_dir, tmp_path / "plain", "--images", str(images), "--text", "man on the left", gate=False) == 0
+    capsys.readouterr()
+    assert run(tiny_model_dir, tmp_path / "plain", "--images", str(images), "--text", "man on the left") == 2
+    assert f"(gate none -> {sha256[:8]}...)" in error_lines(capsys)[0]
+
+
+def test_batch_size_and_threads_are_recorded_and_threads_restored(tiny_model_dir, images, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    assert run(tiny_model_dir, tmp_path / "out", "--images", str(images), "--text", "the red car", "--batch-size", "3",
+               "--threads", "1") == 0
+    identity = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert identity["batch_size"] == 3 and identity["threads"] == 1
+    assert torch.get_num_threads() == threads
+    assert run(tiny_model_dir, tmp_path / "again", "--images", str(images), "--text", "the red car") == 0
+    assert json.loads((tmp_path / "again" / "run.json").read_text())["threads"] == threads  # torch's own count
+    capsys.readouterr()
+    for bad, needle in ((["--threads", "0"], "--threads must be at least 1"),
+                        (["--threads", "1", "--engine", "ray"], "--threads is for the local engine")):
+        assert run(tiny_model_dir, tmp_path / "bad", "--images", str(images), "--text", "the red car", *bad) == 2
+        errors = error_lines(capsys)
+        assert len(errors) == 1 and needle in errors[0]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_extract_records_batch_size_and_threads(tiny_model_dir, tmp_path, capsys):
+    from deris_rerank.rerank.cache import read_cache
+
+    def extract(*extra):
+        return cli.main(["extract", "--data", "refshapes", "--split", "val", "--refshapes-images", "2",
+                         "--refshapes-size", "64", "--out", str(tmp_path), "--quiet", "--deris",
+                         str(tiny_model_dir / "deris"), "--device", "cpu", *extra])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the random test model does not know RefShapes' words
+        assert extract("--batch-size", "4", "--threads", "1") == 0
+        _, _, provenance = read_cache([tmp_path / "val"])
+        assert (provenance[0]["batch_size"], provenance[0]["threads"]) == (4, 1)
+        capsys.readouterr()
+        assert extract("--batch-size", "2", "--threads", "1") == 2
+    errors = error_lines(capsys)
+    assert len(errors) == 1 and "batch_size 4 -> 2" in errors[0]
+
+
+def test_the_recorded_image_is_absolute_in_folder_and_manifest_mode(tiny_model_dir, images, tmp_path, monkeypatch):
+    monkeypatch.chdir(images.parent)
+    assert run(tiny_model_dir, tmp_path / "folder", "--images", images.name, "--text", "the red car") == 0
+    (images / "pairs.jsonl").write_text(json.dumps({"image": "../images/./img0.png", "text": "the red car"}) + "\n")
+    assert run(tiny_model_dir, tmp_path / "manifest", "--manifest", str(images / "pairs.jsonl")) == 0
+    (folder, _), (manifest,) = ([json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+                                for name in ("folder", "manifest"))
+    assert folder["image"] == manifest["image"] == str(images / "img0.png")
 
 
 def test_other_text_for_the_same_ids_stops(tiny_model_dir, images, tmp_path, capsys):

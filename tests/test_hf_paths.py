@@ -153,7 +153,7 @@ def test_malformed_hf_paths_say_what_form_is_wanted():
 
 def test_without_huggingface_hub_the_message_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    one_line_error(lambda: resolve_deris(f"{ROOT}/deris-tiny"), f"{ROOT}/deris-tiny", "pip install 'deris-rerank[hub]'")
+    one_line_error(lambda: resolve_deris(f"{ROOT}/deris-tiny"), f"{ROOT}/deris-tiny", 'pip install -e ".[hub]"')
 
 
 def failing(name, base=Exception):

@@ -499,9 +499,20 @@ def test_decompression_bomb_limit_refuses_before_decoding(tmp_path, monkeypatch)
     monkeypatch.setattr(cv2, "imdecode", must_not_decode)
     raises_one_line(path, "big.png", "20x10", "200 pixels", "199 pixels", "downscale")
     assert np.array_equal(load_image(rgb), rgb)  # arrays are already in memory: no limit
-    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 10**9)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50)  # Pillow's own error (above 100) while reading the header
-    raises_one_line(path, "big.png", "too large", "downscale")
+
+
+@pytest.mark.parametrize("pillow_limit", [150, 50])  # Pillow would warn (above 150) / refuse (above 2 x 50)
+def test_only_our_pixel_limit_applies_and_pillow_says_nothing(tmp_path, monkeypatch, pillow_limit):
+    rgb = random_array((10, 20, 3), seed=11)
+    path = tmp_path / "big.png"
+    Image.fromarray(rgb).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pillow_limit)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert np.array_equal(load_image(path), rgb)
+        monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 199)
+        raises_one_line(path, "big.png", "20x10", "above the decompression-bomb limit of 199 pixels", "downscale")
+    assert [str(w.message) for w in caught] == []  # no "could be decompression bomb DOS attack" from Pillow
 
 
 def jpeg_bytes(rgb, **options):
@@ -542,6 +553,20 @@ def test_truncated_png_refused(tmp_path):
         raises_one_line(path, "figure.png", "is truncated (the PNG data")
     path.write_bytes(data + b"trailing bytes")
     assert np.array_equal(load_image(path), rgb)
+
+
+def test_a_png_signature_then_garbage_is_not_called_truncated(tmp_path):
+    path = tmp_path / "garbage.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    message = raises_one_line(path, "garbage.png", "is not a valid PNG")
+    assert "truncated" not in message
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\x0dIDAT" + bytes(40))  # chunks, but not IHDR first
+    raises_one_line(path, "garbage.png", "is not a valid PNG")
+
+
+def test_a_url_is_not_fetched_and_says_so():
+    message = raises_one_line("https://example.com/x.png", "'https://example.com/x.png'", "URL", "not fetched")
+    assert "not found" not in message
 
 
 def test_unreadable_files_refused_with_their_name(tmp_path):

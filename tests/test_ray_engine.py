@@ -218,8 +218,8 @@ def test_without_ray_the_ray_engine_is_one_line(manifest, tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 2
         assert done.stderr.strip().splitlines() == [
-            'deris-rerank: error: the Ray engine needs Ray Data: pip install "deris-rerank[ray]" (or pip install '
-            '"ray[data]>=2.60")']
+            'deris-rerank: error: the Ray engine needs Ray Data: pip install -e ".[ray]" in the deris-rerank checkout '
+            '(or pip install "ray[data]>=2.60")']
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 

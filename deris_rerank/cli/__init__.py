@@ -38,6 +38,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = _show_warning
+    if hasattr(sys.stdout, "reconfigure"):  # a file name that is not UTF-8 ('\udcff') is printed escaped, not a crash
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return args.run(args)
     except DerisRerankError as exc:

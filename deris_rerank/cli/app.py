@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import DerisRerankError
+from ..errors import DerisRerankError, install_hint
 from .options import add_pipeline_options, pipeline_from_args
 
 def cmd_app(args: argparse.Namespace) -> int:
@@ -13,7 +13,7 @@ def cmd_app(args: argparse.Namespace) -> int:
         from ..app.service import Batching, Limits, SegmentService
     except ImportError as exc:
         raise DerisRerankError(f"the app needs gradio, fastapi and uvicorn ({exc.name or exc} is missing): "
-                               "pip install \"deris-rerank[app]\"") from None
+                               f"{install_hint('app')}") from None
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
                     max_texts=args.max_texts, queue_timeout_s=args.queue_timeout)
     batching = Batching(max_pairs=args.batch_pairs, wait_ms=args.batch_wait_ms)
@@ -26,7 +26,7 @@ def add_commands(commands) -> None:
     """Add `app` to the `deris-rerank` subcommands."""
     app = commands.add_parser(
         "app",
-        help="serve the interactive app and the HTTP API (pip install \"deris-rerank[app]\")",
+        help=f"serve the interactive app and the HTTP API ({install_hint('app')})",
         description="A Gradio page at / and POST /api/segment on one server; one model instance, requests take turns "
                     "(or share model calls: --batch-pairs).",
     )

@@ -5,7 +5,10 @@ Nothing here imports torch or the model: building the parser stays cheap (`deris
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+
+from ..errors import install_hint
 
 def add_tau(parser) -> None:
     """--tau, the one definition every command that takes it shares."""
@@ -76,12 +79,40 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--engine", default="local", choices=["local", "ray"],
                        help="local: this process (default); ray: Ray Data, model replicas on a cluster's GPUs/CPUs "
-                       "(pip install \"deris-rerank[ray]\"); the same outputs")
+                       f"({install_hint('ray')}); the same outputs")
     group.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray for this run)")
     group.add_argument("--replicas", type=int, help="Ray: model replicas (default: one per GPU, or 1 without GPUs)")
     group.add_argument("--gpus-per-replica", type=float,
                        help="Ray: GPUs per replica (default 1 when the cluster has GPUs, else 0)")
     group.add_argument("--cpus-per-replica", type=float, help="Ray: CPUs per replica (default 1)")
+    group.add_argument("--threads", type=int,
+                       help="local engine: torch's CPU threads (default: torch's own, $OMP_NUM_THREADS or the cores); "
+                       "recorded with the outputs, since the last bits of the results depend on it: a Ray replica runs "
+                       "with its whole --cpus-per-replica, so --threads 1 matches replicas of 1 CPU")
+
+
+@contextlib.contextmanager
+def local_threads(args: argparse.Namespace):
+    """While the block runs, torch uses --threads CPU threads (when given); the count before is restored after.
+    InputError for fewer than 1, or with --engine ray (a replica's threads follow --cpus-per-replica)."""
+    if args.threads is None:
+        yield
+        return
+    from ..errors import InputError
+
+    if args.threads < 1:
+        raise InputError(f"--threads must be at least 1, got {args.threads}")
+    if args.engine == "ray":
+        raise InputError("--threads is for the local engine; a Ray replica runs with as many torch threads as its "
+                         "whole --cpus-per-replica (at least 1)")
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def ray_settings(args: argparse.Namespace, **pipeline):

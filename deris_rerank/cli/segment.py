@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .options import add_engine_options, add_pipeline_options, pipeline_from_args, ray_settings
+from .options import add_engine_options, add_pipeline_options, local_threads, pipeline_from_args, ray_settings
 
 MAX_REASONS_SHOWN = 5  # failed pairs whose reasons `batch` prints at the end
 
@@ -70,7 +70,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     """Process a manifest or a folder of images into an output folder."""
-    from ..batch import read_folder, read_manifest, run_batch
+    from ..batch import read_folder, read_manifest, read_texts, run_batch
     from ..errors import InputError
 
     if bool(args.manifest) == bool(args.images):
@@ -80,18 +80,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
     else:
         texts = [args.text] if args.text else []
         if args.texts_file:
-            texts += [t for t in Path(args.texts_file).read_text(encoding="utf-8").splitlines() if t.strip()]
+            texts += read_texts(Path(args.texts_file))
         items = read_folder(Path(args.images), texts)
-    if args.engine == "ray":
-        from ..distributed import run_batch as run_batch_ray
+    with local_threads(args):
+        if args.engine == "ray":
+            from ..distributed import run_batch as run_batch_ray
 
-        spec, resources = ray_settings(args, gate=False if args.no_gate else args.gate, tau=args.tau,
-                                        operating_point=args.operating_point, answer=args.answer)
-        summary = run_batch_ray(items, Path(args.out), spec, resources, batch_size=args.batch_size,
+            spec, resources = ray_settings(args, gate=False if args.no_gate else args.gate, tau=args.tau,
+                                            operating_point=args.operating_point, answer=args.answer)
+            summary = run_batch_ray(items, Path(args.out), spec, resources, batch_size=args.batch_size,
+                                    progress=not args.quiet, overwrite=args.overwrite)
+        else:
+            summary = run_batch(pipeline_from_args(args), items, Path(args.out), batch_size=args.batch_size,
                                 progress=not args.quiet, overwrite=args.overwrite)
-    else:
-        summary = run_batch(pipeline_from_args(args), items, Path(args.out), batch_size=args.batch_size, progress=not args.quiet,
-                            overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     if summary["failed"]:
         print(f"deris-rerank: {summary['failed']} of {summary['total']} pairs failed "

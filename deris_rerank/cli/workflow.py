@@ -30,6 +30,7 @@ from .options import (
     add_settings_flags,
     add_tau,
     add_training_run_flags,
+    local_threads,
     ray_settings,
     settings_from_args,
     training_log,
@@ -125,20 +126,21 @@ def cmd_extract(args: argparse.Namespace) -> int:
     settings = dict(shard_size=args.shard_size, batch_size=args.batch_size, protocol=args.iou_at,
                     worker=(int(index), int(count)), progress=not args.quiet, source=data_source(args),
                     overwrite=args.overwrite)
-    with warnings.catch_warnings():
-        if args.data == "refshapes":  # the embedded default's own kind of scene: nothing to warn about
-            warnings.simplefilter("ignore", EmbeddedDefaultWarning)
-        if args.engine == "ray":
-            from ..distributed import run_extract
+    with local_threads(args):
+        with warnings.catch_warnings():
+            if args.data == "refshapes":  # the embedded default's own kind of scene: nothing to warn about
+                warnings.simplefilter("ignore", EmbeddedDefaultWarning)
+            if args.engine == "ray":
+                from ..distributed import run_extract
 
-            spec, resources = ray_settings(args, gate=False, query_source=args.query_source,
-                                            batch_semantics=args.batch_semantics)
-            counts = run_extract(samples, Path(args.out), spec, resources, **settings)
-        else:
-            pipe = Pipeline(deris=args.deris, gate=False, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-                            query_source=args.query_source, batch_semantics=args.batch_semantics)
-    if args.engine != "ray":
-        counts = extract_split(pipe, samples, Path(args.out), **settings)
+                spec, resources = ray_settings(args, gate=False, query_source=args.query_source,
+                                                batch_semantics=args.batch_semantics)
+                counts = run_extract(samples, Path(args.out), spec, resources, **settings)
+            else:
+                pipe = Pipeline(deris=args.deris, gate=False, tokenizer=args.tokenizer, device=args.device,
+                                dtype=args.dtype, query_source=args.query_source, batch_semantics=args.batch_semantics)
+        if args.engine != "ray":
+            counts = extract_split(pipe, samples, Path(args.out), **settings)
     print(json.dumps({"split": args.split, **counts}))
     return 1 if counts["failed"] else 0
 

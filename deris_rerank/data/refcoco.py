@@ -58,10 +58,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, install_hint
 from ..fileio import atomic_write
 from ..images import load_image
 from ..rle import decode_mask, encode_mask
+from ..tokenizer import check_unicode
 from .sample import ReferringSample
 
 PathLike = Union[str, Path]
@@ -83,7 +84,7 @@ def _pycocotools_mask():
         from pycocotools import mask
     except ImportError:
         raise InputError(
-            "polygon masks are rasterised with pycocotools, which is not installed: pip install pycocotools"
+            "polygon masks are rasterised with pycocotools, which is not installed: " + install_hint("data", "pycocotools")
         ) from None
     return mask
 
@@ -574,7 +575,8 @@ def _seqtr_entry(annotation: Mapping[str, Any], position: int, where: str) -> Di
     if size is not None and mask.shape != size:
         raise InputError(f"{where}: mask shape {list(mask.shape)} differs from height x width {list(size)}")
     entry["height"], entry["width"] = int(mask.shape[0]), int(mask.shape[1])
-    entry["expressions"] = list(_texts(_field(annotation, "expressions", where), where))
+    texts = _texts(_field(annotation, "expressions", where), where)
+    entry["expressions"] = [check_unicode(text, f"{where}: expression") for text in texts]  # written as UTF-8
     bbox = annotation.get("bbox", None)
     if bbox is None:
         bbox = _bbox(mask)

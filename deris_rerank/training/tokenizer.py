@@ -8,6 +8,7 @@ from typing import Sequence
 import sentencepiece
 
 from ..errors import InputError
+from ..tokenizer import check_unicode
 
 
 def train_word_tokenizer(texts: Sequence[str], path: Path, max_pieces: int = 126) -> Path:
@@ -18,7 +19,7 @@ def train_word_tokenizer(texts: Sequence[str], path: Path, max_pieces: int = 126
     with P pieces needs a BEiT-3 token table of at least P + 2 rows. Words outside `texts`
     become <unk>.
     """
-    words = {word for text in texts for word in text.split()}
+    words = {word for text in texts for word in check_unicode(text, "training text").split()}
     if not words:
         raise InputError("no text to train a tokenizer on")
     if len(words) + 3 > max_pieces:

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import install_hint
 from ..fileio import atomic_write
 from ..rerank.decision import apply_rule
 from ..rerank.venice import VeniceGate
@@ -161,7 +162,7 @@ def write_report(report: Dict[str, object], out_dir: Path) -> List[Path]:
         matplotlib.use("Agg")
         from matplotlib import pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install 'deris-rerank[plots]')")
+        print(f"matplotlib is not installed: no plots ({install_hint('plots', 'matplotlib')})")
         return written
     if "curves" in report:
         c = report["curves"]

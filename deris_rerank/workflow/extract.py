@@ -35,7 +35,7 @@ from ..errors import InputError, OutputMismatchError
 from ..bitmasks import pack_masks
 from ..candidates import CandidateBatch
 from ..pipeline import Pipeline
-from ..run_identity import identity_differences, model_sha256
+from ..run_identity import engine_identity, identity_differences, model_sha256
 from ..transforms import resize_mask_nearest
 from ..rerank.cache import shard_ids, shard_path, shard_provenance, write_shard
 from ..rerank.signatures import MASK_STAT_NAMES, split_grid_signature
@@ -163,12 +163,14 @@ def extract_split(
     worker (i, K): this process handles the shards k with k % K == i, so K processes (e.g. one
     per GPU) can share a split. source: a JSON-able description of where the pairs came from
     (annotation file and its hash, or RefShapes settings), recorded in the provenance. Shards
-    already in the split must have this run's provenance (model, tokenizer, settings, source),
-    else OutputMismatchError names the differences; overwrite=True removes them first.
+    already in the split must have this run's provenance (model, tokenizer, settings, source, and
+    batch_size and torch's thread count: `engine_identity`), else OutputMismatchError names the
+    differences; overwrite=True removes them first.
     Returns counts of pairs written, skipped and failed.
     """
     check_extract_inputs(samples, protocol)
-    jobs, counts = plan_extract(samples, out_dir, extract_provenance(pipe, protocol, source), shard_size, worker, overwrite)
+    provenance = {**extract_provenance(pipe, protocol, source), **engine_identity(batch_size)}
+    jobs, counts = plan_extract(samples, out_dir, provenance, shard_size, worker, overwrite)
     total = counts["skipped"] + sum(len(job.samples) for job in jobs)
     with tqdm(total=total, initial=counts["skipped"], unit="pair", disable=not progress, dynamic_ncols=True) as bar:
         for job in jobs:
