@@ -50,12 +50,14 @@ def pipeline_identity(pipe) -> Dict[str, Any]:
     """The identity of results made by `pipe` (a `Pipeline`): a JSON-able dict.
 
     Keys: package_version, model {name, sha256, config_sha256}, tokenizer_sha256, gate (None or
-    {sha256, rule}), dtype, batch_semantics, query_source; and, not compared, paths and device.
+    {sha256, rule, and a set re-ranker's set_rule}), answer ("single" or "set"), dtype,
+    batch_semantics, query_source; and, not compared, paths and device.
     """
     gate = None
     if pipe.gate is not None:
         gate_sha256 = file_sha256(pipe.gate_path) if pipe.gate_path else state_dict_sha256(pipe.gate)
-        gate = {"sha256": gate_sha256, "rule": pipe.gate.settings()["rule"]}
+        settings = pipe.gate.settings()
+        gate = {"sha256": gate_sha256, "rule": settings["rule"], **({"set_rule": settings["set_rule"]} if "set_rule" in settings else {})}
     return {
         "package_version": __version__,
         "model": {
@@ -65,6 +67,7 @@ def pipeline_identity(pipe) -> Dict[str, Any]:
         },
         "tokenizer_sha256": pipe.tokenizer.sha256,
         "gate": gate,
+        "answer": pipe.answer,
         "dtype": str(pipe.autocast_dtype or "float32").replace("torch.", ""),
         "batch_semantics": pipe.batch_semantics,
         "query_source": pipe.query_source,

@@ -110,3 +110,21 @@ def test_a_set_reranker_on_caches_without_the_set_fields_fails_with_one_line(gre
                      "--out", str(tmp_path / "g"), "--device", "cpu", "--quiet", *SMALL])
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1 and "lacks the set fields" in error and "re-extract" in error
+
+
+def test_batch_records_set_answers_and_refuses_to_mix_answer_kinds(tiny_model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    sample = RefShapes("x", num_images=1, seed=4, image_size=(128, 128), mode="gres")[0]
+    Image.fromarray(sample.load_image()).save(folder / "scene.png")
+    common = ["batch", "--images", str(folder), "--text", sample.text, "--out", str(tmp_path / "out"), "--quiet",
+              "--deris", str(tiny_model_dir / "deris"), "--no-gate", "--device", "cpu"]
+    assert cli.main([*common, "--answer", "set"]) == 0
+    record = json.loads((tmp_path / "out" / "results.jsonl").read_text().splitlines()[0])
+    assert record["answer"] == "set" and record["objects"] == len(record["selected_set"])
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["answer"] == "set"
+    capsys.readouterr()
+    assert cli.main([*common, "--answer", "single"]) == 2
+    assert "answer set -> single" in capsys.readouterr().err
