@@ -323,3 +323,19 @@ def test_write_read_round_trip(tmp_path):
             assert np.array_equal(theirs.load_image(), ours.load_image())
     with pytest.raises(InputError):
         write_refshapes(tmp_path / "twice", [datasets[0], RefShapes("train", 1, seed=8)])
+
+
+def test_refshapes_command_writes_scenes_a_manifest_and_annotations(tmp_path, capsys):
+    from deris_rerank import cli
+    from deris_rerank.batch import read_manifest
+    from deris_rerank.data.refcoco import read_seqtr
+    from deris_rerank.images import load_image
+
+    assert cli.main(["refshapes", "--out", str(tmp_path), "--images", "3", "--seed", "5", "--size", "96", "--mode", "gres"]) == 0
+    dataset = RefShapes("demo", num_images=3, seed=5, image_size=(96, 96), mode="gres")
+    items = read_manifest(tmp_path / "manifest.jsonl")
+    assert [item.text for item in items] == [s.text for s in dataset] and [item.id for item in items] == [s.id for s in dataset]
+    assert np.array_equal(load_image(items[0].image), dataset[0].load_image())
+    annotated = read_seqtr(tmp_path / "refshapes.json", tmp_path / "images", "demo")
+    assert [s.num_targets for s in annotated] == [s.num_targets for s in dataset]
+    assert cli.main(["refshapes", "--out", str(tmp_path), "--images", "0"]) == 2

@@ -3,6 +3,7 @@ its writer to the SeqTR layout."""
 from __future__ import annotations
 
 import functools
+import json
 import zlib
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple, Union, overload
@@ -10,6 +11,7 @@ from typing import Dict, List, Sequence, Tuple, Union, overload
 import numpy as np
 
 from ...errors import InputError, OutputError
+from ...fileio import atomic_write
 from ...rle import encode_mask
 from ...visualize import save_png
 from ..refcoco import write_seqtr
@@ -153,7 +155,9 @@ def write_refshapes(out_dir: Path, datasets: Sequence[RefShapes]) -> Path:
     the annotations of all datasets go to ONE file, `out_dir/refshapes.json`, a
     {split: [entry, ...]} object with one entry per sample, in dataset order: image_id
     (the str f"{split}_{image:06d}"), file_name, expressions [text], mask (COCO RLE of the
-    target mask), num_targets. Each dataset needs its own split name. Returns the file's path.
+    target mask), num_targets. Each dataset needs its own split name. Also writes
+    `out_dir/manifest.jsonl`, one line per sample (id, image relative to out_dir, text,
+    num_targets), for `deris-rerank batch --manifest`. Returns the annotation file's path.
     """
     out_dir = Path(out_dir).expanduser()
     images_dir = out_dir / "images"
@@ -162,6 +166,7 @@ def write_refshapes(out_dir: Path, datasets: Sequence[RefShapes]) -> Path:
     except OSError as exc:
         raise OutputError(f"cannot create {images_dir}: {exc.strerror or exc}; choose a writable folder") from None
     splits: Dict[str, List[Dict[str, object]]] = {}
+    manifest: List[str] = []
     for dataset in datasets:
         if dataset.split in splits:
             raise InputError(
@@ -181,4 +186,11 @@ def write_refshapes(out_dir: Path, datasets: Sequence[RefShapes]) -> Path:
                     "mask": encode_mask(scene.target_mask(k)),
                     "num_targets": len(expression.targets),
                 })
-    return write_seqtr(splits, out_dir / "refshapes.json")
+                manifest.append(json.dumps({"id": f"{image_id}_{k}", "image": f"images/{file_name}", "text": expression.text,
+                                            "num_targets": len(expression.targets)}))
+    written = write_seqtr(splits, out_dir / "refshapes.json")
+    try:
+        atomic_write(out_dir / "manifest.jsonl", lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in manifest), encoding="utf-8"))
+    except OSError as exc:
+        raise OutputError(f"cannot write {out_dir / 'manifest.jsonl'}: {exc.strerror or exc}; choose a writable folder") from None
+    return written
