@@ -197,3 +197,19 @@ def test_a_set_answer_says_no_object_or_how_many_in_words_and_json():
     assert several.object_count == 2 and "2 objects match 'all the red shapes'" in several.notes
     single = make_result(answer="single", selected_rank=1, selected_ranks=None, p_no_target=None, member_scores=None)
     assert single.selected_ranks == [1] and single.object_count == 1 and not any("no object" in n for n in single.notes)
+
+
+def test_results_are_scored_at_their_own_size_by_the_same_rules():
+    from deris_rerank.data.sample import ReferringSample
+    from deris_rerank.workflow.set_metrics import score_results
+
+    a, b = square(0, 0), square(4, 4)
+    empty = np.zeros((S, S), bool)
+    targets = [a | b, empty, a]
+    samples = [ReferringSample(str(k), "s", lambda: None, "t", target_mask=lambda m=m: m, num_targets=n)
+               for k, (m, n) in enumerate(zip(targets, [2, 0, 1]))]
+    results = [make_result(mask=m, deris_mask=d) for m, d in ((a | b, a), (empty, b), (b, a))]
+    m = score_results(results, samples)
+    assert m["giou"] == pytest.approx(100 * (1 + 1 + 0) / 3) and m["n_acc"] == 100.0 and m["t_acc"] == 100.0
+    assert m["harmful_rate"] == pytest.approx(100 / 3)  # the third pair: IoU 0 against DeRIS's 1
+    assert score_results(results, samples, answer="deris_mask")["giou"] == pytest.approx(100 * (0.5 + 0 + 1) / 3)

@@ -54,13 +54,26 @@ def set_overlaps(sets: SetData, chosen: np.ndarray) -> Tuple[np.ndarray, np.ndar
     """
     masks, target = sets.masks.numpy(), sets.target_masks.numpy()
     answer = union_of(masks, np.asarray(chosen, dtype=bool))
-    area = popcount(answer)
-    empty = area == 0
-    inter = popcount(answer & target)
-    union = popcount(answer | target)
-    no_target = no_target_pairs(sets)
-    inter = np.where(no_target | empty, 0, inter)
-    return inter, union, empty
+    return _overlaps(popcount(answer & target), popcount(answer | target), popcount(answer) == 0, no_target_pairs(sets))
+
+
+def mask_overlaps(answers, targets, num_targets) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(I, U, empty, kinds) of answers given as masks: answers and targets are P bool [H, W] masks
+    (each pair at its own size), num_targets P counts (-1: unknown, then read from the target)."""
+    inter, union, area, kinds = [], [], [], []
+    for answer, target, count in zip(answers, targets, num_targets):
+        answer, target = np.asarray(answer, dtype=bool), np.asarray(target, dtype=bool)
+        inter.append(int((answer & target).sum()))
+        union.append(int((answer | target).sum()))
+        area.append(int(answer.sum()))
+        kinds.append(min(int(count) if count is not None and count >= 0 else int(target.any()), 2))
+    kinds = np.asarray(kinds, dtype=np.int64)
+    return (*_overlaps(np.asarray(inter), np.asarray(union), np.asarray(area) == 0, kinds == 0), kinds)
+
+
+def _overlaps(inter: np.ndarray, union: np.ndarray, empty: np.ndarray, no_target: np.ndarray):
+    """Apply the rules: no intersection counts for a no-target pair or an empty answer."""
+    return np.where(no_target | empty, 0, inter), union, empty
 
 
 def no_target_pairs(sets: SetData) -> np.ndarray:
@@ -68,9 +81,9 @@ def no_target_pairs(sets: SetData) -> np.ndarray:
     return sets.kind.numpy() == 0
 
 
-def per_pair_iou(sets: SetData, inter: np.ndarray, union: np.ndarray, empty: np.ndarray) -> np.ndarray:
-    """float64 [P] IoU of each pair's answer under the rules above."""
-    no_target = no_target_pairs(sets)
+def per_pair_iou(kinds: np.ndarray, inter: np.ndarray, union: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """float64 [P] IoU of each pair's answer under the rules above (kinds [P]: 0 no target, 1 one, 2 several)."""
+    no_target = kinds == 0
     iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
     return np.where(no_target, empty.astype(np.float64), np.where(empty, 0.0, iou))
 
@@ -79,9 +92,19 @@ def set_answer_metrics(sets: SetData, chosen: np.ndarray, reference: Optional[np
     """gIoU, cIoU, N-acc, T-acc, Pr@t overall and gIoU per kind (none / single / multi) of the
     answers `chosen` (bool [P, N]); with `reference` (bool [P, N], DeRIS's own answers), also the
     share of pairs whose answer is harmful against it and the share answered differently."""
-    inter, union, empty = set_overlaps(sets, chosen)
-    iou = per_pair_iou(sets, inter, union, empty)
     kinds = sets.kind.numpy()
+    metrics = overlap_metrics(kinds, *set_overlaps(sets, chosen))
+    metrics["answer_size"] = float(np.asarray(chosen).sum(axis=1).mean()) if len(kinds) else None
+    if reference is not None:
+        iou = answer_ious(sets, chosen)
+        metrics["harmful_rate"] = _pct(iou < answer_ious(sets, reference) - HARM_MARGIN)
+        metrics["changed_rate"] = _pct((np.asarray(chosen) != np.asarray(reference)).any(axis=1))
+    return metrics
+
+
+def overlap_metrics(kinds: np.ndarray, inter: np.ndarray, union: np.ndarray, empty: np.ndarray) -> Dict[str, Optional[float]]:
+    """The metrics of P answers from their kinds [P] and (I, U, empty) under the rules above."""
+    iou = per_pair_iou(kinds, inter, union, empty)
     no_target = kinds == 0
     metrics: Dict[str, Optional[float]] = {
         "pairs": int(len(iou)),
@@ -89,23 +112,18 @@ def set_answer_metrics(sets: SetData, chosen: np.ndarray, reference: Optional[np
         "ciou": float(100.0 * inter.sum() / union.sum()) if union.sum() > 0 else None,
         "n_acc": _pct(empty[no_target]) if no_target.any() else None,
         "t_acc": _pct(~empty[~no_target]) if (~no_target).any() else None,
-        "answer_size": float(np.asarray(chosen).sum(axis=1).mean()) if len(iou) else None,
     }
     for t in SET_PRECISION_THRESHOLDS:
         metrics[f"pr@{t:.1f}"] = _pct(iou[~no_target] >= t) if (~no_target).any() else None
     for k, kind in enumerate(KINDS):
         metrics[f"giou_{kind}"] = _pct(iou[kinds == k]) if (kinds == k).any() else None
         metrics[f"pairs_{kind}"] = int((kinds == k).sum())
-    if reference is not None:
-        ref_iou = per_pair_iou(sets, *set_overlaps(sets, reference))
-        metrics["harmful_rate"] = _pct(iou < ref_iou - HARM_MARGIN)
-        metrics["changed_rate"] = _pct((np.asarray(chosen) != np.asarray(reference)).any(axis=1))
     return metrics
 
 
 def answer_ious(sets: SetData, chosen: np.ndarray) -> np.ndarray:
     """float64 [P]: each pair's answer IoU under the rules above (`chosen` bool [P, N])."""
-    return per_pair_iou(sets, *set_overlaps(sets, chosen))
+    return per_pair_iou(sets.kind.numpy(), *set_overlaps(sets, chosen))
 
 
 def oracle_sets(sets: SetData) -> np.ndarray:
@@ -150,3 +168,21 @@ def _best_union(masks: np.ndarray, target: np.ndarray, slots: np.ndarray) -> np.
 def _pct(values) -> Optional[float]:
     values = np.asarray(values)
     return float(100.0 * values.mean()) if values.size else None
+
+
+def score_results(results, samples, answer: str = "mask", reference: str = "deris_mask") -> Dict[str, Optional[float]]:
+    """The metrics above of a pipeline's answers (`results`, `Result`s: their `answer` mask
+    attribute, e.g. "default_mask" for Query-0) against the ground truth of `samples`
+    (`ReferringSample`s, in the same order), at each image's own size; harmful against the
+    results' `reference` mask (DeRIS's own union answer by default). Pairs whose samples do not
+    say their number of targets count as one target when the target has pixels."""
+    masks = [getattr(r, answer) for r in results]
+    targets = [s.target_mask() for s in samples]
+    counts = [s.num_targets if s.num_targets is not None else -1 for s in samples]
+    inter, union, empty, kinds = mask_overlaps(masks, targets, counts)
+    metrics = overlap_metrics(kinds, inter, union, empty)
+    ref = mask_overlaps([getattr(r, reference) for r in results], targets, counts)
+    ious, ref_ious = per_pair_iou(kinds, inter, union, empty), per_pair_iou(kinds, *ref[:3])
+    metrics["harmful_rate"] = _pct(ious < ref_ious - HARM_MARGIN)
+    metrics["miou"] = _pct(np.where(union > 0, inter / np.maximum(union, 1), 1.0))  # plain mean IoU (RIS protocol)
+    return metrics
