@@ -8,7 +8,7 @@ distribution's `chromium` and `chromedriver` (Debian: apt-get install chromium c
 selenium are not installed.
 
 Artefacts: the page's screenshot goes to $DERIS_RERANK_TEST_ARTEFACTS (else the test's tmp
-folder), its path printed. README's screenshot is made here too:
+folder), its path printed. docs/app.md's screenshot is made here too:
     DERIS_RERANK_SCREENSHOT=docs/app.png python -m pytest tests/test_app_browser.py
 """
 import json
@@ -148,7 +148,7 @@ def run(driver, text):
 
 def save_screenshot(driver, tmp_path) -> Path:
     """The page as a PNG in $DERIS_RERANK_TEST_ARTEFACTS (else `tmp_path`), and, when
-    $DERIS_RERANK_SCREENSHOT names a file, README's copy there (256 colours, to keep it small)."""
+    $DERIS_RERANK_SCREENSHOT names a file, the app page's copy there (256 colours, to keep it small)."""
     from io import BytesIO
 
     from PIL import Image
@@ -163,7 +163,7 @@ def save_screenshot(driver, tmp_path) -> Path:
     readme_copy = os.environ.get("DERIS_RERANK_SCREENSHOT")
     if readme_copy:
         Image.open(BytesIO(png)).convert("RGB").quantize(256).save(readme_copy, optimize=True)
-        print(f"README's screenshot: {readme_copy}")
+        print(f"the app page's screenshot: {readme_copy}")
     return path
 
 

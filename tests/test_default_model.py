@@ -1,6 +1,6 @@
 """The embedded default (deris_rerank/embedded/deris-tiny): real accuracy end to end, and the README's demo command.
 
-The floors sit a few points below the numbers measured on held-out RefShapes pairs (README), so a
+The floors sit a few points below the numbers measured on held-out RefShapes pairs (docs/training.md), so a
 regression anywhere in the chain (preprocessing, model, signatures, gate, post-processing) fails.
 """
 import json
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL / "model.safetensors").is_file(), reason=f"embedded default model not found in {DEFAULT_MODEL}"
 )
 
-MIOU_FLOOR = 55.0  # mIoU of the pipeline's answer (calibrated re-ranker) on these 315 pairs: measured 59.1 (README)
+MIOU_FLOOR = 55.0  # mIoU of the pipeline's answer (calibrated re-ranker) on these 315 pairs: measured 59.1 (docs/training.md)
 QUERY_0_FLOOR = 38.0  # mIoU of DeRIS's Query-0 there: measured 42.0
 DERIS_ANSWER_FLOOR = 37.0  # mIoU of DeRIS's own answer (score_threshold 0.6) there: measured 41.7
 DEMO_IMAGE = REPO / "demo" / "assets" / "shapes.png"

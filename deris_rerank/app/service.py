@@ -23,7 +23,7 @@ one before the call; the text part of DeRIS and the gate then run once for all t
 Each request gets its own results in order, and a failing request fails alone. In float32 a
 batched matrix product sums in another order, so scores then depend in their last bits (up to
 2.4e-7 here) on what else was in the call; masks and decisions were equal on the tests here.
-Measured (README, bench/app_load.py): 16 clients on the embedded default, 2-core CPU, torch 1
+Measured (docs/speed.md, bench/app_load.py): 16 clients on the embedded default, 2-core CPU, torch 1
 thread, got 28.6 requests/s with max_pairs 1 and 50.1 with 8.
 
 Imports neither gradio nor fastapi: the app (`ui`) and the API (`api`) are thin layers over it.

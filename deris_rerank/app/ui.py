@@ -143,7 +143,7 @@ def build_ui(service: SegmentService, callbacks: Optional[AppCallbacks] = None) 
     callbacks = callbacks or AppCallbacks(service)
     with gr.Blocks(title="deris-rerank") as page:
         gr.Markdown("# deris-rerank\nReferring segmentation with DeRIS, re-ranked by a failure gate. "
-                    "The HTTP API is at `POST /api/segment` (see README).")
+                    "The HTTP API is at `POST /api/segment` (see docs/app.md).")
         if service.pipeline.is_embedded_default:
             gr.Markdown(EMBEDDED_DEFAULT_NOTE)
         with gr.Row():

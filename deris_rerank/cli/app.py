@@ -41,7 +41,7 @@ def add_commands(commands) -> None:
     app.add_argument("--cache-images", type=int, default=4, help="images whose encoded features are kept (default 4)")
     app.add_argument("--batch-pairs", type=int, default=1,
                      help="most (image, expression) pairs one model call answers, from several requests; "
-                          "1 runs one request at a time (default 1; see README, Concurrency)")
+                          "1 runs one request at a time (default 1; see docs/app.md, Concurrency)")
     app.add_argument("--batch-wait-ms", type=float, default=5.0,
                      help="how long the oldest waiting request waits for others to join its model call, "
                           "milliseconds; 0: only those already waiting (default 5; only with --batch-pairs above 1)")

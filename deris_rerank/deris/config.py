@@ -145,7 +145,7 @@ _BEIT3_BASE = Beit3Config(embed_dim=768, num_heads=12, ffn_dim=3072, num_layers=
 # (192 px perception input, 128 px cognition input, a token table of 128 rows: room for a
 # sentencepiece model of up to 126 pieces trained on the RefShapes grammar). Its answer
 # threshold, 0.6, is the one of 0.3 ... 0.9 with the best DeRIS-union mIoU on RefShapes
-# gate-tune images (weights/README.md says how it was measured).
+# gate-tune images (docs/training.md says how it was measured).
 DERIS_TINY = DerisConfig(
     "deris-tiny",
     SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=6),

@@ -4,7 +4,7 @@ Writes `metrics.json`, `metrics.md` (a table per split and overall, with the eva
 protocol printed above it) and, when matplotlib is installed, `roc.png` (the gate as a
 failure detector), `coverage_risk.png` (share of pairs switched vs harmful switches and mIoU
 gain as tau varies, with the re-ranker's stored operating points marked) and `per_split.png` (mIoU gain per split). Metric definitions:
-`workflow/metrics.py` and README.
+`workflow/metrics.py` and docs/rerankers.md.
 """
 from __future__ import annotations
 
