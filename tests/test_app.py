@@ -33,7 +33,7 @@ except ImportError as exc:  # the [app] extra is not installed
 from app_helpers import EXAMPLE, REPO, assert_same_answer, live_server
 from deris_rerank.app.server import OneLineErrors, create_server
 from deris_rerank.app.service import Batching, BusyError, Limits, SegmentService
-from deris_rerank.app.ui import AppCallbacks, describe_decision
+from deris_rerank.app.ui import EMBEDDED_DEFAULT_NOTE, AppCallbacks, describe_decision
 from deris_rerank.errors import InputError
 from deris_rerank.pipeline import DEFAULT_MODEL, Pipeline
 from deris_rerank.rle import decode_mask
@@ -503,11 +503,21 @@ def test_the_app_command_refuses_bad_batching_before_loading_the_model(capsys):
 
 def test_the_run_button_callback_shows_overlays_decisions_and_downloads(service, expected, tmp_path):
     callbacks = AppCallbacks(service, tmp_path)
-    status, overlays, grids, answers, decisions, files = callbacks.run(str(EXAMPLE), "\n".join(TEXTS) + "\n\n", True, None)
+    status, overlays, heading, tiles, answers, decisions, files = callbacks.run(str(EXAMPLE), "\n".join(TEXTS) + "\n\n", True, None)
     assert status == "3 expressions answered."
     assert [caption for _, caption in overlays] == [f"{k}. {t}" for k, t in enumerate(TEXTS, 1)]
     assert all(image.shape == (192, 192, 3) and image.dtype == np.uint8 for image, _ in overlays + answers)
-    assert all(grid.shape[0] >= 192 for grid, _ in grids)
+    assert len(tiles) == 30 and all(tile.shape == (256, 256, 3) for tile, _ in tiles)
+    chosen = [k for k, (tile, _) in enumerate(tiles[:10]) if (tile[:4, :, 1] == 220).all()]  # the green frame
+    assert chosen == [expected["together"][0]["selected"]]
+    # DeRIS's own answer has no legend ("chosen" would be wrong there): its corner is the image's
+    from PIL import Image
+
+    corner = np.asarray(Image.open(EXAMPLE).convert("RGB"))[:24, :64]
+    assert not decode_mask(expected["together"][0]["deris_mask"])[:24, :64].any()
+    assert all(np.array_equal(answer[:24, :64], corner) for answer, _ in answers)
+    assert heading.endswith("1. the biggest cross: tiles 1-10; 2. the blue circle: tiles 11-20; "
+                            "3. the green square: tiles 21-30.")
     for text, want in zip(TEXTS, expected["together"]):
         assert text in decisions
     assert re.search(r"\*\*Kept\*\* Query-0 .*: p_fail \d\.\d{3} ≤ tau 0\.66", decisions)
@@ -516,12 +526,10 @@ def test_the_run_button_callback_shows_overlays_decisions_and_downloads(service,
     saved = [json.loads(Path(f).read_text()) for f in files if f.endswith(".json")]
     for got, want in zip(saved, expected["together"]):
         assert_same_answer(got, want)
-    from PIL import Image
-
     mask_png = np.asarray(Image.open(files[0])) > 0
     assert np.array_equal(mask_png, decode_mask(expected["together"][0]["mask"]))
 
-    _, _, _, _, off, _ = callbacks.run(str(EXAMPLE), TEXTS[0], False, 0.3)
+    *_, off, _ = callbacks.run(str(EXAMPLE), TEXTS[0], False, 0.3)
     assert "gate is off" in off
 
 
@@ -531,10 +539,19 @@ def test_the_run_button_callback_shows_overlays_decisions_and_downloads(service,
     (REPO / "setup.py", "the biggest cross", "cannot decode image file setup.py"),
 ])
 def test_the_run_button_callback_shows_one_readable_error(service, tmp_path, image, text, message):
-    status, overlays, grids, answers, decisions, files = AppCallbacks(service, tmp_path).run(
+    status, overlays, heading, tiles, answers, decisions, files = AppCallbacks(service, tmp_path).run(
         None if image is None else str(image), text, True, 0.5)
     assert status.startswith("**Error:**") and message in status and "\n" not in status
-    assert overlays == grids == answers == files == [] and decisions == ""
+    assert overlays == tiles == answers == files == [] and decisions == "" and "tiles" not in heading
+
+
+def test_the_embedded_default_note_describes_refshapes_as_it_draws_them():
+    from deris_rerank.data.refshapes.vocabulary import COLOURS, PLURAL, SHAPES, STYLES
+
+    note = EMBEDDED_DEFAULT_NOTE
+    assert all(PLURAL[shape] in note for shape in SHAPES) and all(colour in note for colour in COLOURS)
+    assert all(style in note for style in STYLES) and "gradient" in note and "clutter lines" in note
+    assert "plain background" not in note
 
 
 def test_decision_words(expected):

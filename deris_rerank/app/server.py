@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from ..errors import UnknownWordsWarning
 from .api import create_api_router, log
 from .service import SegmentService
-from .ui import AppCallbacks, build_ui
+from .ui import PAGE_CSS, PAGE_JS, AppCallbacks, build_ui
 
 
 class OneLineErrors:
@@ -70,7 +70,7 @@ def create_server(service: SegmentService, ui: bool = True, callbacks: Optional[
         callbacks = callbacks or AppCallbacks(service)
         page = build_ui(service, callbacks)
         server = gr.mount_gradio_app(server, page, path="/", allowed_paths=[str(callbacks.output_root)],
-                                     max_file_size=service.limits.max_upload_bytes)
+                                     max_file_size=service.limits.max_upload_bytes, css=PAGE_CSS, js=PAGE_JS)
         server.add_middleware(OneLineErrors)
     return server
 
