@@ -156,6 +156,8 @@ def bad_requests():
                                          + b"0" * 400 + b"}", "headers": {"content-type": "application/json"}}),
         "gate form field not a boolean": (400, multipart(["the biggest cross"], gate="yes")),
         "expression above the character limit": (413, multipart(["x" * 1001])),
+        "expression with a lone surrogate": (400, {"content": json.dumps(as_json(["the \udcff cross"])).encode(),
+                                                   "headers": {"content-type": "application/json"}}),
     }
 
 
