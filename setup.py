@@ -40,7 +40,9 @@ setup(
                  "gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.24",
                  "huggingface_hub>=0.20",
                  # tests/test_app_browser.py drives the distribution's chromium (.ci/run installs it); tested with 4.20.0 and 4.51.0
-                 "selenium>=4.20"],
+                 "selenium>=4.20",
+                 # tests/test_app.py fuzzes the API against its own /openapi.json; tested with 4.32.5 (it needs Python 3.11+)
+                 "schemathesis>=4.32; python_version >= '3.11'"],
     },
     entry_points={"console_scripts": ["deris-rerank=deris_rerank.cli:main"]},
 )

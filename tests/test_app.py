@@ -7,8 +7,14 @@ in both request forms, under concurrent load on a live server, and refuse bad re
 own gate settings, and the queue limits hold. The page's Run callback is tested without a browser.
 """
 import base64
+import importlib.util
 import json
+import logging
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,9 +31,9 @@ except ImportError as exc:  # the [app] extra is not installed
     pytest.skip(f"the app's tests need the [app] extra (gradio, fastapi, uvicorn, httpx): {exc}", allow_module_level=True)
 
 from app_helpers import EXAMPLE, REPO, assert_same_answer, live_server
-from deris_rerank.app.server import create_server
+from deris_rerank.app.server import OneLineErrors, create_server
 from deris_rerank.app.service import Batching, BusyError, Limits, SegmentService
-from deris_rerank.app.ui import AppCallbacks, describe_decision
+from deris_rerank.app.ui import EMBEDDED_DEFAULT_NOTE, AppCallbacks, describe_decision
 from deris_rerank.errors import InputError
 from deris_rerank.pipeline import DEFAULT_MODEL, Pipeline
 from deris_rerank.rle import decode_mask
@@ -141,6 +147,17 @@ def bad_requests():
         "gate not a boolean": (400, {"json": as_json(["the biggest cross"], gate="yes")}),
         "no image field": (400, {"data": {"text": "the biggest cross"}, "files": {"other": ("a.txt", b"x")}}),
         "plain text body": (415, {"content": b"hello", "headers": {"content-type": "text/plain"}}),
+        "no content type": (415, {"content": b"hello"}),
+        "JSON nested 100,000 deep": (400, {"content": b"[" * 100_000 + b"]" * 100_000,
+                                           "headers": {"content-type": "application/json"}}),
+        "gate nested deeply": (400, {"content": json.dumps(as_json(["x"])).encode()[:-1] + b', "gate": '
+                                     + b"[" * 900 + b"]" * 900 + b"}", "headers": {"content-type": "application/json"}}),
+        "tau a 400-digit number": (400, {"content": json.dumps(as_json(["x"])).encode()[:-1] + b', "tau": 1'
+                                         + b"0" * 400 + b"}", "headers": {"content-type": "application/json"}}),
+        "gate form field not a boolean": (400, multipart(["the biggest cross"], gate="yes")),
+        "expression above the character limit": (413, multipart(["x" * 1001])),
+        "expression with a lone surrogate": (400, {"content": json.dumps(as_json(["the \udcff cross"])).encode(),
+                                                   "headers": {"content-type": "application/json"}}),
     }
 
 
@@ -159,6 +176,90 @@ def test_bad_requests_get_a_4xx_and_one_line_error_and_the_server_keeps_serving(
     for got, want in zip(response.json()["results"], expected["together"]):
         assert_same_answer(got, want)
     assert client.get("/api/health").json()["status"] == "ok"
+
+
+def test_bad_requests_log_one_line_each_without_a_traceback(client, caplog):
+    with caplog.at_level(logging.INFO, logger="deris_rerank.app"):
+        for name, (status, request) in bad_requests().items():
+            caplog.clear()
+            client.post("/api/segment", **request)
+            lines = [record.getMessage() for record in caplog.records]
+            assert len(lines) == 1 and lines[0].startswith(f"refused POST /api/segment ({status}): "), (name, lines)
+            assert "\n" not in lines[0] and len(lines[0]) < 400 and not caplog.records[0].exc_info, name
+
+
+@pytest.mark.parametrize("method, path, status, allow", [
+    ("GET", "/api/segment", 405, "POST"),
+    ("PUT", "/api/segment", 405, "POST"),
+    ("QUERY", "/api/segment", 405, "POST"),  # a method no framework lists
+    ("POST", "/api/health", 405, "GET"),
+    ("DELETE", "/openapi.json", 405, "GET"),
+    ("GET", "/api/segments", 404, None),
+    ("POST", "/api", 404, None),
+])
+def test_other_methods_and_paths_of_the_api_get_405_or_404_in_the_error_shape(client, method, path, status, allow):
+    response = client.request(method, path)
+    assert response.status_code == status
+    assert list(response.json()) == ["error"] and "\n" not in response.json()["error"]
+    assert response.headers.get("allow") == allow
+
+
+def test_openapi_json_describes_this_api_and_not_the_pages_routes(client, service, expected):
+    spec = client.get("/openapi.json").json()
+    assert spec["openapi"].startswith("3.") and spec["info"]["title"] == "deris-rerank API"
+    assert set(spec["paths"]) == {"/api/segment", "/api/health", "/openapi.json"}
+    segment = spec["paths"]["/api/segment"]["post"]
+    assert set(segment["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert set(segment["responses"]) == {"200", "400", "413", "415", "429", "500"}
+    schemas = spec["components"]["schemas"]
+    assert set(schemas["Result"]["properties"]) == set(expected["together"][0])  # every field of Result.to_json()
+    assert schemas["Error"]["required"] == ["error"]
+    errors = spec["components"]["responses"]
+    assert set(errors) == {f"Error{status}" for status in (400, 404, 405, 413, 415, 429, 500)}
+    assert "an expression above the character limit" in errors["Error413"]["description"]
+    texts = schemas["SegmentJSON"]["properties"]["texts"]
+    assert texts["maxItems"] == MAX_TEXTS and texts["items"]["maxLength"] == service.limits.max_text_chars
+
+    assert set(client.get("/api/health").json()) == set(schemas["Health"]["properties"])
+
+    example = segment["requestBody"]["content"]["application/json"]["example"]
+    response = client.post("/api/segment", json=example)
+    assert response.status_code == 200 and [r["text"] for r in response.json()["results"]] == example["texts"]
+
+
+def test_a_bug_answers_500_in_the_error_shape_and_logs_its_traceback(pipe, caplog, monkeypatch):
+    service = SegmentService(pipe)
+
+    def broken(*args):
+        raise RuntimeError("a bug\nover two lines")
+
+    monkeypatch.setattr(service, "segment", broken)
+    with caplog.at_level(logging.INFO, logger="deris_rerank.app"):
+        response = TestClient(create_server(service, ui=False)).post("/api/segment", **multipart(["the biggest cross"]))
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error (RuntimeError: a bug over two lines); please report it"}
+    (record,) = caplog.records
+    assert record.exc_info and record.getMessage() == "bug answering POST /api/segment"
+
+
+def test_the_pages_routes_answer_a_malformed_request_without_raising(client, caplog):
+    with caplog.at_level(logging.INFO, logger="deris_rerank.app"):
+        response = client.get("/?page=%C2%A8%F3%B7%A8%96")  # Gradio raises KeyError on an unknown page
+    assert response.status_code in (404, 500)
+    assert all(not record.exc_info and "\n" not in record.getMessage() for record in caplog.records)
+
+
+def test_an_exception_in_a_wrapped_app_answers_500_and_logs_one_line(caplog):
+    async def broken(scope, receive, send):
+        raise KeyError("some page")
+
+    with caplog.at_level(logging.INFO, logger="deris_rerank.app"):
+        response = TestClient(OneLineErrors(broken)).get("/somewhere?page=x")
+    assert response.status_code == 500
+    (record,) = caplog.records
+    assert not record.exc_info
+    assert re.fullmatch(r"failed GET /somewhere \(500\): KeyError: 'some page' \(raised at tests/test_app\.py:\d+\)",
+                        record.getMessage())
 
 
 def test_a_request_that_cannot_get_the_model_in_time_gets_429(pipe, expected):
@@ -226,6 +327,78 @@ def test_concurrent_clients_all_get_the_python_api_answer(server_url, expected, 
     assert health["batching"]["max_pairs"] == 1 and health["largest_batch_requests"] == 1
     page = requests.get(f"{server_url}/", timeout=60)
     assert page.status_code == 200 and "gradio" in page.text.lower()
+
+
+SCHEMATHESIS = importlib.util.find_spec("schemathesis") is not None
+
+
+@pytest.mark.skipif(not SCHEMATHESIS, reason="needs schemathesis (in the [test] extra: pip install -e \".[test]\")")
+@pytest.mark.filterwarnings("ignore::deris_rerank.errors.UnknownWordsWarning")
+def test_schemathesis_finds_no_server_error_and_no_departure_from_the_spec(server_url, service, tmp_path):
+    """schemathesis (tested with 4.32.5) against the served /openapi.json of the live server on
+    127.0.0.1: its examples, coverage and fuzzing phases, 30 examples per operation, a fixed seed,
+    one worker. Left out: positive_data_acceptance (random bytes that the spec calls a valid image
+    file are not an image: 400) and negative_data_rejection (a form field is a string on the wire,
+    so a "wrong-typed" text the fuzzer sends as "{}" is a valid expression)."""
+    checks = ("not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
+              "response_schema_conformance,missing_required_header,unsupported_method,allow_header_conformance")
+    command = [sys.executable, "-m", "schemathesis.cli", "run", f"{server_url}/openapi.json", "--checks", checks,
+               "--max-examples", "30", "--seed", "1", "--workers", "1", "--continue-on-failure",
+               "--generation-database", "none", "--request-timeout", "120", "--no-color"]
+    served = service.stats()["served"]
+    run = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    assert service.stats()["served"] > served  # it got answers, not only refusals (the spec's example is an image)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_app_commands_log_has_one_line_per_refused_request_and_no_traceback(tmp_path):
+    """`deris-rerank app` as a user starts it, on 127.0.0.1: its stderr after refused API requests,
+    an answered one with unknown words, and a request that makes the page's routes raise."""
+    import requests
+
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "deris_rerank", "app", "--port", str(port)],
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):  # up to 120 s to start: a bound, not a speed test
+            try:
+                if requests.get(f"{url}/api/health", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                assert server.poll() is None, log_path.read_text()
+                threading.Event().wait(0.1)
+        refused = [
+            requests.get(f"{url}/api/segment", timeout=60),
+            requests.post(f"{url}/api/segment", data=b"[" * 100_000 + b"]" * 100_000,
+                          headers={"content-type": "application/json"}, timeout=60),
+            requests.post(f"{url}/api/segment", json={"image": "***", "texts": ["x"]}, timeout=60),
+            requests.delete(f"{url}/api/nowhere", timeout=60),
+        ]
+        answered = requests.post(f"{url}/api/segment", json=as_json(["the zorblaxest cross"]), timeout=300)
+        page = requests.get(f"{url}/?page=%C2%A8%F3%B7%A8%96", timeout=60)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(60)
+    assert [r.status_code for r in refused] == [405, 400, 400, 404] and answered.status_code == 200
+    assert answered.json()["results"][0]["unknown_words"] and page.status_code in (404, 500)
+    log = log_path.read_text()
+    assert "Traceback" not in log, log
+    lines = [line for line in log.splitlines()
+             if not line.startswith(("deris-rerank: warning: using the embedded default", "deris-rerank app: http"))]
+    assert len(lines) == 4 + (page.status_code == 500), log
+    for line, status, start in zip(lines, (405, 400, 400, 404), ("GET /api/segment", "POST /api/segment",
+                                                                   "POST /api/segment", "DELETE /api/nowhere")):
+        assert re.search(rf" INFO refused {start} \({status}\): \S", line), line
+    assert all(re.search(r" ERROR failed GET / \(500\): ", line) for line in lines[4:]), lines
 
 
 def test_batched_server_gives_concurrent_clients_the_python_api_answer(pipe, expected):
@@ -332,11 +505,21 @@ def test_the_app_command_refuses_bad_batching_before_loading_the_model(capsys):
 
 def test_the_run_button_callback_shows_overlays_decisions_and_downloads(service, expected, tmp_path):
     callbacks = AppCallbacks(service, tmp_path)
-    status, overlays, grids, answers, decisions, files = callbacks.run(str(EXAMPLE), "\n".join(TEXTS) + "\n\n", True, None)
+    status, overlays, heading, tiles, answers, decisions, files = callbacks.run(str(EXAMPLE), "\n".join(TEXTS) + "\n\n", True, None)
     assert status == "3 expressions answered."
     assert [caption for _, caption in overlays] == [f"{k}. {t}" for k, t in enumerate(TEXTS, 1)]
     assert all(image.shape == (192, 192, 3) and image.dtype == np.uint8 for image, _ in overlays + answers)
-    assert all(grid.shape[0] >= 192 for grid, _ in grids)
+    assert len(tiles) == 30 and all(tile.shape == (256, 256, 3) for tile, _ in tiles)
+    chosen = [k for k, (tile, _) in enumerate(tiles[:10]) if (tile[:4, :, 1] == 220).all()]  # the green frame
+    assert chosen == [expected["together"][0]["selected"]]
+    # DeRIS's own answer has no legend ("chosen" would be wrong there): its corner is the image's
+    from PIL import Image
+
+    corner = np.asarray(Image.open(EXAMPLE).convert("RGB"))[:24, :64]
+    assert not decode_mask(expected["together"][0]["deris_mask"])[:24, :64].any()
+    assert all(np.array_equal(answer[:24, :64], corner) for answer, _ in answers)
+    assert heading.endswith("1. the biggest cross: tiles 1-10; 2. the blue circle: tiles 11-20; "
+                            "3. the green square: tiles 21-30.")
     for text, want in zip(TEXTS, expected["together"]):
         assert text in decisions
     assert re.search(r"\*\*Kept\*\* Query-0 .*: p_fail \d\.\d{3} ≤ tau 0\.66", decisions)
@@ -345,12 +528,10 @@ def test_the_run_button_callback_shows_overlays_decisions_and_downloads(service,
     saved = [json.loads(Path(f).read_text()) for f in files if f.endswith(".json")]
     for got, want in zip(saved, expected["together"]):
         assert_same_answer(got, want)
-    from PIL import Image
-
     mask_png = np.asarray(Image.open(files[0])) > 0
     assert np.array_equal(mask_png, decode_mask(expected["together"][0]["mask"]))
 
-    _, _, _, _, off, _ = callbacks.run(str(EXAMPLE), TEXTS[0], False, 0.3)
+    *_, off, _ = callbacks.run(str(EXAMPLE), TEXTS[0], False, 0.3)
     assert "gate is off" in off
 
 
@@ -360,10 +541,19 @@ def test_the_run_button_callback_shows_overlays_decisions_and_downloads(service,
     (REPO / "setup.py", "the biggest cross", "cannot decode image file setup.py"),
 ])
 def test_the_run_button_callback_shows_one_readable_error(service, tmp_path, image, text, message):
-    status, overlays, grids, answers, decisions, files = AppCallbacks(service, tmp_path).run(
+    status, overlays, heading, tiles, answers, decisions, files = AppCallbacks(service, tmp_path).run(
         None if image is None else str(image), text, True, 0.5)
     assert status.startswith("**Error:**") and message in status and "\n" not in status
-    assert overlays == grids == answers == files == [] and decisions == ""
+    assert overlays == tiles == answers == files == [] and decisions == "" and "tiles" not in heading
+
+
+def test_the_embedded_default_note_describes_refshapes_as_it_draws_them():
+    from deris_rerank.data.refshapes.vocabulary import COLOURS, PLURAL, SHAPES, STYLES
+
+    note = EMBEDDED_DEFAULT_NOTE
+    assert all(PLURAL[shape] in note for shape in SHAPES) and all(colour in note for colour in COLOURS)
+    assert all(style in note for style in STYLES) and "gradient" in note and "clutter lines" in note
+    assert "plain background" not in note
 
 
 def test_decision_words(expected):

@@ -196,6 +196,11 @@ class SegmentService:
                 raise InputError(f"expression {number}: expected a string, got {type(text).__name__}")
             if not text.strip():
                 raise InputError(f"expression {number} is empty: give a referring expression such as \"man on the left\"")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate, as JSON's "\udcff" gives: no text the tokenizer takes
+                raise InputError(f"expression {number} is not valid Unicode (character {exc.start + 1} is a lone "
+                                 "surrogate); send UTF-8 text") from None
             if len(text) > self.limits.max_text_chars:
                 raise TooLargeError(f"expression {number} has {len(text):,} characters, above this server's limit "
                                     f"of {self.limits.max_text_chars:,}")

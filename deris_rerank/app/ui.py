@@ -1,10 +1,12 @@
 """The interactive app: a Gradio Blocks page over a SegmentService.
 
 Upload an image (or pick the bundled example), type expressions one per line, run; per
-expression the page shows the overlay of the chosen mask, the candidate grid by score, the
-decision in words with the scores table, DeRIS's own answer, and download links for the mask
-PNG and the JSON (COCO RLE). The gate can be switched off and its tau moved; re-runs on the same
-image reuse its encoded features (the service's cache). Mistakes show as one line in the page.
+expression the page shows the overlay of the chosen mask, the decision in words with the scores
+table, every candidate as its own tile (by DeRIS score, the chosen one framed in green), DeRIS's
+own answer, and download links for the mask PNG and the JSON (COCO RLE). The gate can be switched
+off and its tau moved; re-runs on the same image reuse its encoded features (the service's
+cache). Mistakes show as one line in the page, cleared as soon as the image or the expressions
+change. The page's CSS and script (`PAGE_CSS`, `PAGE_JS`) go to `gr.mount_gradio_app` (server.py).
 """
 from __future__ import annotations
 
@@ -18,26 +20,56 @@ from typing import List, Optional, Sequence, Tuple
 import gradio as gr
 import numpy as np
 
+from ..data.refshapes.render import MAX_OBJECTS, MIN_OBJECTS
+from ..data.refshapes.vocabulary import COLOURS, PLURAL, SHAPES, SIZES, STYLES
 from ..errors import DerisRerankError
 from ..result import Result
-from ..visualize import candidate_grid, decision_overlay, save_png
+from ..visualize import candidate_grid, contrasting_color, decision_overlay, overlay, save_png
 from .service import SegmentService
 
 # the bundled example, present in a source checkout (not in a wheel)
 EXAMPLE_IMAGE = Path(__file__).resolve().parents[2] / "demo" / "assets" / "shapes.png"
 EXAMPLE_TEXT = "the biggest cross"
 KEPT_RUNS = 32  # output folders of past runs kept for download links
+ERROR_PREFIX = "**Error:**"  # how the status line starts when a run failed
+TILE_PX = 256  # side of one candidate's tile
+# galleries as tall as their pictures: Gradio's default caps them at 55% of the window and
+# scrolls inside, which crops a picture taller than that
+GALLERY_HEIGHT = "max-content"
+CANDIDATES_TITLE = ("**Every candidate by DeRIS score**, the chosen one framed in green, DeRIS's first choice "
+                    "(Query-0) labelled \"default\"")
+
+
+def _words(items: Sequence[str]) -> str:
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
 
 EMBEDDED_DEFAULT_NOTE = (
     "**This server runs the small embedded default model (DeRIS-tiny).** It was trained only on synthetic "
-    "RefShapes scenes: coloured circles, squares, triangles and crosses on a plain background, described by "
-    "expressions such as \"the biggest cross\" or \"the red circle on the left\". On photographs its masks "
-    "mean nothing. For real images start the app with the official weights: "
+    f"RefShapes scenes: {MIN_OBJECTS} to {MAX_OBJECTS} overlapping shapes ({_words([PLURAL[s] for s in SHAPES])}) "
+    f"in {len(COLOURS)} colours ({_words(list(COLOURS))}), {len(SIZES)} sizes and {len(STYLES)} styles "
+    f"({_words(list(STYLES))}) over a noisy colour gradient crossed by clutter lines, described by expressions "
+    "such as \"the biggest cross\", \"the green star on the right\" or \"the square right of the outlined "
+    "object\". On photographs its masks mean nothing. For real images start the app with the official weights: "
     "`deris-rerank app --deris ... --tokenizer ... --gate ...`."
 )
 
-Gallery = List[Tuple[np.ndarray, str]]
-Outputs = Tuple[str, Gallery, Gallery, Gallery, str, List[str]]
+# The scores table breaks its text between words only (Gradio's prose breaks anywhere, which split
+# "rank" into "ran k" in narrow columns), and its last column ("chosen (Query-0)") not at all
+PAGE_CSS = ("#decisions th, #decisions td { overflow-wrap: normal; word-break: normal; hyphens: none; }\n"
+            "#decisions td:last-child { white-space: nowrap; }")
+# Result images load at once, not when scrolled to (Gradio's galleries load lazily), so a
+# screenshot or a print of the whole page shows them
+PAGE_JS = """() => {
+  const eager = () => document.querySelectorAll("#overlays img, #candidates img, #answers img")
+    .forEach((img) => { if (img.loading !== "eager") img.loading = "eager"; });
+  new MutationObserver(eager).observe(document.body, {childList: true, subtree: true});
+}"""
+# the image and the expressions changed: a shown error no longer applies (run in the browser)
+CLEAR_ERROR_JS = f"(status) => (status || '').startsWith({json.dumps(ERROR_PREFIX)}) ? '' : status"
+
+Gallery = List[Tuple[np.ndarray, Optional[str]]]  # (picture, caption)
+Outputs = Tuple[str, Gallery, str, Gallery, Gallery, str, List[str]]
 
 
 def describe_decision(result: Result, gate_on: bool, tau: Optional[float]) -> str:
@@ -74,6 +106,30 @@ def scores_table(result: Result) -> str:
     return "\n".join(lines)
 
 
+def candidate_tiles(result: Result) -> List[np.ndarray]:
+    """Every candidate of `result` as its own square tile, by DeRIS score: its mask over the image,
+    "#rank score", the chosen one framed in green, Query-0 labelled "default" (`candidate_grid`'s cells)."""
+    column = candidate_grid(result.image, result.candidates, result.scores, result.selected_rank, 0,
+                            columns=1, tile=TILE_PX)
+    return [column[rank * TILE_PX:(rank + 1) * TILE_PX] for rank in range(len(result.scores))]
+
+
+def deris_answer_picture(result: Result) -> np.ndarray:
+    """DeRIS's own answer (`deris_mask`) over the image, in a colour that stands out, without a legend
+    (the page's heading names it; "chosen" would be wrong: the re-ranker may have chosen another)."""
+    return overlay(result.image, result.deris_mask, color=contrasting_color(result.image[result.deris_mask]))
+
+
+def candidates_heading(results: Sequence[Result]) -> str:
+    """The heading of the candidate tiles (Markdown): which tiles belong to which expression."""
+    parts, first = [], 1
+    for number, result in enumerate(results, 1):
+        last = first + len(result.scores) - 1
+        parts.append(f"{number}. {result.text}: tiles {first}-{last}")
+        first = last + 1
+    return f"{CANDIDATES_TITLE}; " + "; ".join(parts) + "."
+
+
 class AppCallbacks:
     """What the page's Run button calls, separate from the page so it can be tested without a browser."""
 
@@ -84,7 +140,8 @@ class AppCallbacks:
         self._lock = threading.Lock()
 
     def run(self, image_path: Optional[str], expressions: str, gate_on: bool = True, tau: Optional[float] = None) -> Outputs:
-        """(status, overlays, candidate grids, DeRIS's answers, decisions, download files) for the form's values.
+        """(status, overlays, candidates heading, candidate tiles, DeRIS's answers, decisions, download files)
+        for the form's values.
 
         image_path: the uploaded image file; expressions: one per line (blank lines ignored);
         gate_on: False answers with DeRIS's Query-0; tau: the gate's threshold (ignored without a gate).
@@ -103,18 +160,18 @@ class AppCallbacks:
             use_tau = float(tau) if (gate_on and tau is not None and self.service.has_gate) else None
             results = self.service.segment(data, texts, name=Path(image_path).name, gate=bool(gate_on), tau=use_tau)
         except DerisRerankError as exc:
-            return f"**Error:** {' '.join(str(exc).split())}", [], [], [], "", []
+            return f"{ERROR_PREFIX} {' '.join(str(exc).split())}", [], CANDIDATES_TITLE, [], [], "", []
         shown_tau = use_tau if use_tau is not None else self.service.default_tau
         return self._outputs(results, bool(gate_on), shown_tau)
 
     def _outputs(self, results: Sequence[Result], gate_on: bool, tau: Optional[float]) -> Outputs:
         folder = self._run_folder()
-        overlays, grids, answers, decisions, files = [], [], [], [], []
+        overlays, tiles, answers, decisions, files = [], [], [], [], []
         for number, result in enumerate(results, 1):
             caption = f"{number}. {result.text}"
             overlays.append((decision_overlay(result.image, result.mask, result.default_mask if result.switched else None), caption))
-            grids.append((candidate_grid(result.image, result.candidates, result.scores, result.selected_rank, 0), caption))
-            answers.append((decision_overlay(result.image, result.deris_mask), f"{caption} (DeRIS's own answer)"))
+            tiles += [(tile, None) for tile in candidate_tiles(result)]
+            answers.append((deris_answer_picture(result), caption))
             notes = "".join(f"\n\n_Note: {note}._" for note in result.notes if "embedded default" not in note)
             decisions.append(f"### {caption}\n\n{describe_decision(result, gate_on, tau)}{notes}\n\n{scores_table(result)}")
             mask_path = folder / f"{number:02d}_mask.png"
@@ -123,7 +180,7 @@ class AppCallbacks:
             json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
             files += [str(mask_path), str(json_path)]
         status = f"{len(results)} expression{'s' if len(results) != 1 else ''} answered."
-        return status, overlays, grids, answers, "\n\n".join(decisions), files
+        return status, overlays, candidates_heading(results), tiles, answers, "\n\n".join(decisions), files
 
     def _run_folder(self) -> Path:
         """A fresh folder for this run's downloads; folders of older runs beyond KEPT_RUNS are removed."""
@@ -162,13 +219,24 @@ def build_ui(service: SegmentService, callbacks: Optional[AppCallbacks] = None) 
                     gr.Examples([[str(EXAMPLE_IMAGE), EXAMPLE_TEXT]], inputs=[image, expressions])
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
-                overlays = gr.Gallery(label="chosen mask per expression", columns=2, format="png", elem_id="overlays")
+                # headings above the galleries, not their labels: a label floats over the pictures' top-left corner
+                gr.Markdown("**The chosen mask**, per expression", elem_id="overlays-heading")
+                overlays = gr.Gallery(show_label=False, columns=2, format="png", object_fit="contain",
+                                      height=GALLERY_HEIGHT, elem_id="overlays")
                 decisions = gr.Markdown(elem_id="decisions")
+        heading = gr.Markdown(CANDIDATES_TITLE, elem_id="candidates-heading")
+        tiles = gr.Gallery(show_label=False, columns=5, format="png", object_fit="contain", height=GALLERY_HEIGHT,
+                           elem_id="candidates")  # no captions either: they would cover the frame's corner
         with gr.Row():
-            grids = gr.Gallery(label="candidates by DeRIS score (chosen framed in green)", columns=1, format="png")
-            answers = gr.Gallery(label="DeRIS's own answer", columns=2, format="png")
-        files = gr.File(label="downloads: mask PNG and JSON (COCO RLE) per expression", file_count="multiple",
-                        elem_id="downloads")
+            with gr.Column():
+                gr.Markdown("**DeRIS's own answer**, per expression: its candidates above its score threshold",
+                            elem_id="answers-heading")
+                answers = gr.Gallery(show_label=False, columns=2, format="png", object_fit="contain",
+                                     height=GALLERY_HEIGHT, elem_id="answers")
+            files = gr.File(label="downloads: mask PNG and JSON (COCO RLE) per expression", file_count="multiple",
+                            elem_id="downloads")
+        for changed in (image.change, expressions.change):
+            changed(None, inputs=[status], outputs=[status], js=CLEAR_ERROR_JS, queue=False, show_progress="hidden")
         run.click(callbacks.run, inputs=[image, expressions, gate_on, tau],
-                  outputs=[status, overlays, grids, answers, decisions, files])
+                  outputs=[status, overlays, heading, tiles, answers, decisions, files])
     return page
