@@ -156,10 +156,10 @@ def _read_image_header(data: bytes) -> Optional[Tuple[str, int, int]]:
     prefix = data[:16]
     for kind in common + [kind for kind in Image.ID if kind not in common]:
         factory, accept = Image.OPEN[kind]
-        verdict = accept is None or accept(prefix)
-        if not verdict or isinstance(verdict, str):  # a str: "looks like this format, but cannot be read"
-            continue
-        try:
+        try:  # a plugin's test may fail on data shorter than it reads (as in Image.open, that means "not this format")
+            verdict = accept is None or accept(prefix)
+            if not verdict or isinstance(verdict, str):  # a str: "looks like this format, but cannot be read"
+                continue
             with factory(io.BytesIO(data)) as header:
                 width, height = header.size
                 return str(header.format), width, height

@@ -564,10 +564,16 @@ def test_decision_words(expected):
                     scores=[0.9, 0.5, 0.4], slots=[3, 1, 0], deris_mask=np.zeros((2, 2), bool),
                     default_mask=np.zeros((2, 2), bool), existence=1.0, timings={})
     assert describe_decision(result, True, 0.5).startswith("**Switched** from Query-0 to candidate #2")
-    kept = Result(**{**result.__dict__, "switched": False, "selected_rank": 0})
+    kept = Result(**{**result.__dict__, "switched": False, "selected_rank": 0, "selected_ranks": [0]})
     assert "no other candidate was predicted" in describe_decision(kept, True, 0.5)
     assert "trusts DeRIS" in describe_decision(kept, True, 0.95)
     assert want["text"] == "the biggest cross"
+    nothing = Result(**{**result.__dict__, "text": "the purple star", "answer": "set", "selected_rank": None,
+                        "selected_ranks": [], "p_no_target": 0.97})
+    assert describe_decision(nothing, True, 0.5).startswith('**No object matches** "the purple star"')
+    several = Result(**{**nothing.__dict__, "selected_rank": 0, "selected_ranks": [0, 2], "switched": False})
+    words = describe_decision(several, True, 0.5)
+    assert words.startswith("**2 objects** (candidates #0, #2)") and "the same as DeRIS's own" in words
 
 
 def test_only_the_app_package_imports_gradio_fastapi_or_uvicorn():

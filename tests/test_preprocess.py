@@ -564,6 +564,13 @@ def test_a_png_signature_then_garbage_is_not_called_truncated(tmp_path):
     raises_one_line(path, "garbage.png", "is not a valid PNG")
 
 
+def test_a_few_bytes_are_not_an_image_whatever_plugin_tests_them(tmp_path):
+    path = tmp_path / "tiny.png"
+    for data in (b"\x89P\xff", b"BM", b"\xff\xd8"):  # shorter than some Pillow plugins' format tests read
+        path.write_bytes(data)
+        raises_one_line(path, "tiny.png", "not an image format")
+
+
 def test_a_url_is_not_fetched_and_says_so():
     message = raises_one_line("https://example.com/x.png", "'https://example.com/x.png'", "URL", "not fetched")
     assert "not found" not in message

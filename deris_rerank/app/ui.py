@@ -36,7 +36,7 @@ TILE_PX = 256  # side of one candidate's tile
 # galleries as tall as their pictures: Gradio's default caps them at 55% of the window and
 # scrolls inside, which crops a picture taller than that
 GALLERY_HEIGHT = "max-content"
-CANDIDATES_TITLE = ("**Every candidate by DeRIS score**, the chosen one framed in green, DeRIS's first choice "
+CANDIDATES_TITLE = ("**Every candidate by DeRIS score**, the chosen ones framed in green, DeRIS's first choice "
                     "(Query-0) labelled \"default\"")
 
 
@@ -73,7 +73,10 @@ Outputs = Tuple[str, Gallery, str, Gallery, Gallery, str, List[str]]
 
 
 def describe_decision(result: Result, gate_on: bool, tau: Optional[float]) -> str:
-    """The keep-or-switch decision of `result` in one sentence (Markdown)."""
+    """The decision of `result` in one sentence (Markdown): keep or switch, or for a set answer no
+    object, one or several."""
+    if result.answer == "set":
+        return describe_set(result)
     if result.p_fail is None:
         why = "the gate is off" if not gate_on else "this server has no re-ranker"
         return f"DeRIS's own first choice (Query-0), as {why}."
@@ -88,18 +91,30 @@ def describe_decision(result: Result, gate_on: bool, tau: Optional[float]) -> st
     return f"**Kept** Query-0 (DeRIS's first choice): {compare}, so the gate trusts DeRIS's answer."
 
 
+def describe_set(result: Result) -> str:
+    """A set answer in one sentence (Markdown): no object, or which candidates, and against DeRIS's own."""
+    if result.object_count == 0:
+        what = f"**No object matches** \"{result.text}\""
+    else:
+        ranks = ", ".join(f"#{rank}" for rank in result.selected_ranks)
+        what = f"**{result.object_count} object{'s' if result.object_count > 1 else ''}** (candidate{'s' if result.object_count > 1 else ''} {ranks})"
+    why = "" if result.p_no_target is None else f", the re-ranker's probability that nothing matches {result.p_no_target:.3f}"
+    same = "another answer than" if result.switched else "the same as"
+    return f"{what}: {same} DeRIS's own (its candidates above its threshold){why}."
+
+
 def scores_table(result: Result) -> str:
     """The candidates by DeRIS score as a Markdown table, with the re-ranker's scores where it gives them."""
     columns = [("DeRIS score", result.scores)]
     for title, values in (("re-ranker score", result.rerank_scores), ("calibrated", result.calibrated_scores),
-                          ("retrieved", result.retrieved_scores)):
+                          ("retrieved", result.retrieved_scores), ("member", result.member_scores)):
         if values is not None:
             columns.append((title, values))
     lines = ["| rank | slot | " + " | ".join(title for title, _ in columns) + " | |",
              "|---:|---:|" + "---:|" * len(columns) + "---|"]
     for rank, slot in enumerate(result.slots):
-        mark = "chosen" if rank == result.selected_rank else ("Query-0" if rank == 0 else "")
-        if rank == 0 and rank == result.selected_rank:
+        mark = "chosen" if rank in result.selected_ranks else ("Query-0" if rank == 0 else "")
+        if rank == 0 and rank in result.selected_ranks:
             mark = "chosen (Query-0)"
         cells = " | ".join(f"{values[rank]:.3f}" for _, values in columns)
         lines.append(f"| {rank} | {slot} | {cells} | {mark} |")
@@ -109,7 +124,7 @@ def scores_table(result: Result) -> str:
 def candidate_tiles(result: Result) -> List[np.ndarray]:
     """Every candidate of `result` as its own square tile, by DeRIS score: its mask over the image,
     "#rank score", the chosen one framed in green, Query-0 labelled "default" (`candidate_grid`'s cells)."""
-    column = candidate_grid(result.image, result.candidates, result.scores, result.selected_rank, 0,
+    column = candidate_grid(result.image, result.candidates, result.scores, result.selected_ranks, 0,
                             columns=1, tile=TILE_PX)
     return [column[rank * TILE_PX:(rank + 1) * TILE_PX] for rank in range(len(result.scores))]
 
