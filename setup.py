@@ -39,6 +39,9 @@ setup(
         "test": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.6", "ray[data]>=2.60",
                  "gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.24",
                  "huggingface_hub>=0.20",
+                 # tests/test_install.py builds the wheel without build isolation (no downloads), so the
+                 # environment needs setuptools itself; Python >= 3.12's venvs come without it
+                 "setuptools>=70.1",
                  # tests/test_app_browser.py drives the distribution's chromium (.ci/run installs it); tested with 4.20.0 and 4.51.0
                  "selenium>=4.20",
                  # tests/test_app.py fuzzes the API against its own /openapi.json; tested with 4.32.5 (it needs Python 3.11+)

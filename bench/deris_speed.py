@@ -36,7 +36,7 @@ import torch
 from deris_rerank.candidates import deris_answer_mask
 from deris_rerank.deris.config import DerisConfig
 from deris_rerank.deris.model import DerisModel
-from deris_rerank.devices import precision, resolve_dtype, store_for_autocast
+from deris_rerank.devices import bfloat16_emulation, precision, resolve_dtype, store_for_autocast
 from deris_rerank.images import load_image
 from deris_rerank.timing import StageTimer
 from deris_rerank.transforms import prepare_images, resize_mask_nearest
@@ -150,11 +150,13 @@ def main() -> int:
     machine = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(),
+        # the bfloat16 figures hold only where its matmuls are native (AVX-512 BF16, AMX; CUDA)
+        "bfloat16": "native" if device.type == "cuda" or bfloat16_emulation() is None else f"emulated: {bfloat16_emulation()}",
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
-    print(f"# {args.preset}, {args.device} ({machine['device']}, {machine['threads']} threads, torch {machine['torch']}), "
-          f"{args.repeats} alternating calls per dtype")
+    print(f"# {args.preset}, {args.device} ({machine['device']}, {machine['threads']} threads, torch {machine['torch']}, "
+          f"bfloat16 {machine['bfloat16']}), {args.repeats} alternating calls per dtype")
     print(f"built in {build_s:.1f} s; weights {build['weights_gib']:.2f} GiB; peak RSS after build {build['peak_rss_gib']:.2f} GiB")
     print("| batch | dtype | " + " | ".join(STAGES) + " (ms per pair) | ms/pair median (min-max) | ratio | weights GiB | peak GiB |")
     print("|---" * (len(STAGES) + 6) + "|")

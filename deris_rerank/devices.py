@@ -2,16 +2,24 @@
 autocast (bfloat16 or float16 on CUDA; bfloat16 on the CPU, where oneDNN runs bfloat16 matmuls
 with AVX-512 BF16/AMX when the processor has them). The model keeps softmaxes, deformable
 sampling and mask upsampling in float32 under autocast, and the signatures and gate run in float32.
-`store_for_autocast` keeps the weights autocast would round on every call already rounded."""
+`store_for_autocast` keeps the weights autocast would round on every call already rounded.
+
+On a CPU without native bfloat16 instructions the bfloat16 mode is emulated and far slower than
+float32 (AVX2 AMD EPYC, 2 threads: a 2048^2 bfloat16 matmul about 0.3 GFLOP/s against about 160 in
+float32; DeRIS-B 1.4 s -> 42 s per pair): asking for it there warns once (`SlowDtypeWarning`), and
+nothing picks it by default (float32 is every default)."""
 from __future__ import annotations
 
+import os
+import warnings
 from contextlib import nullcontext
-from typing import ContextManager, List, Optional, Union
+from pathlib import Path
+from typing import ContextManager, FrozenSet, List, Optional, Union
 
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, SlowDtypeWarning
 
 LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -30,7 +38,10 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
 
 
 def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> Optional[torch.dtype]:
-    """None/float32 -> None (plain float32); bfloat16/float16 -> the autocast dtype (float16 on CUDA only)."""
+    """None/float32 -> None (plain float32); bfloat16/float16 -> the autocast dtype (float16 on CUDA only).
+
+    bfloat16 on a CPU that lacks native bfloat16 instructions warns once per process (see
+    `bfloat16_emulation`)."""
     if dtype is None or dtype in ("float32", "fp32", torch.float32):
         return None
     resolved = LOW_PRECISION.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -38,7 +49,68 @@ def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) ->
         raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if resolved == torch.float16 and device.type != "cuda":
         raise InputError(f"dtype float16 runs as CUDA autocast; on {device.type} use float32 or bfloat16")
+    if resolved == torch.bfloat16 and device.type == "cpu":
+        emulated = bfloat16_emulation()
+        if emulated:
+            warn_slow_bfloat16(emulated)
     return resolved
+
+
+# CPU features with which bfloat16 matmuls run natively, as torch.cpu.get_capabilities() and
+# /proc/cpuinfo name them: x86's AVX-512 BF16 and AMX, Arm's BF16 extension (NEON and SVE)
+NATIVE_BFLOAT16_FEATURES = frozenset({"avx512_bf16", "amx_bf16", "bf16", "sve_bf16"})
+# words in oneDNN's ISA names (ONEDNN_MAX_CPU_ISA) whose ISAs include bfloat16 instructions
+ONEDNN_BFLOAT16_ISA_WORDS = ("BF16", "FP16", "AMX", "AVX10", "ALL", "DEFAULT")
+
+
+def cpu_features() -> Optional[FrozenSet[str]]:
+    """The CPU's instruction-set features (lower case), from torch.cpu.get_capabilities() where
+    this torch has it, else from Linux's /proc/cpuinfo; None where neither tells."""
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        return frozenset(name for name, value in get_capabilities().items() if value is True)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1] for line in lines if line.startswith(("flags", "Features"))), None)
+    return frozenset(flags.split()) if flags is not None else None
+
+
+def bfloat16_emulation() -> Optional[str]:
+    """Why bfloat16 matmuls are emulated on this CPU (a clause to print), or None where they run on
+    native instructions or this cannot be told.
+
+    The hardware decides, not torch's own kernel choice: with ATEN_CPU_CAPABILITY=avx2 (or
+    default) a bfloat16 matmul still runs on oneDNN's AVX-512 BF16 code (measured on an AMD EPYC
+    with AVX512_BF16, 2 threads, 2048^2: 87 GFLOP/s native, 99 with avx2 kernels forced, 160 with
+    default ones; float32 31-60). oneDNN's own limit does count: ONEDNN_MAX_CPU_ISA=AVX2 makes it
+    0.3 GFLOP/s on that machine, as on an AVX2-only CPU.
+    """
+    features = cpu_features()
+    if features is None:
+        return None
+    if not features & NATIVE_BFLOAT16_FEATURES:
+        return "this CPU has no native bfloat16 instructions (AVX-512 BF16 or AMX)"
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        limit = os.environ.get(name)
+        if limit and not any(word in limit.upper() for word in ONEDNN_BFLOAT16_ISA_WORDS):
+            return f"{name}={limit} keeps oneDNN from this CPU's bfloat16 instructions"
+    return None
+
+
+_slow_bfloat16_announced = False
+
+
+def warn_slow_bfloat16(reason: str) -> None:
+    """Say once per process that bfloat16 is emulated here, `reason` saying why (a SlowDtypeWarning)."""
+    global _slow_bfloat16_announced
+    if not _slow_bfloat16_announced:
+        _slow_bfloat16_announced = True
+        warnings.warn(SlowDtypeWarning(
+            f"dtype bfloat16 is slow here: {reason}, so its matmuls are emulated, 20-30x slower than float32 "
+            "(DeRIS-B: 1.4 s -> 42 s per pair on an AVX2 AMD EPYC); use float32 (the default) on this machine, "
+            "bfloat16 on CUDA or on a CPU with AVX-512 BF16 or AMX"), stacklevel=3)
 
 
 def precision(device: torch.device, autocast_dtype: Optional[torch.dtype]) -> ContextManager:

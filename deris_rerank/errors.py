@@ -44,3 +44,7 @@ class EmbeddedDefaultWarning(UserWarning):
 class UnknownWordsWarning(UserWarning):
     """Words of an expression are outside the tokenizer's vocabulary (they become <unk>)."""
 
+
+
+class SlowDtypeWarning(UserWarning):
+    """A reduced-precision dtype was asked for on a processor that has no native instructions for it."""

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from conftest import submodule_state
+from parity_bounds import assert_matches_fixture
 
 from deris_rerank.deris.beit3 import Beit3Encoder
 from deris_rerank.deris.config import DerisConfig
@@ -39,6 +40,9 @@ def output64(model64, inputs):
 
 
 def test_float64_matches_upstream_fixture(model64, output64, parity_outputs):
+    """Within the bound derived for BEiT-3's tokens (tests/parity_bounds.py): its float32 softmax
+    gives other last bits on other CPU instruction sets (measured: AVX512 4e-15 from the fixture,
+    AVX2 4.7e-7, default 4.4e-7; bound 1.3e-6)."""
     tokens = model64.split_tokens(output64)
     assert output64.dtype == torch.float64
     assert output64.shape == (2, 1 + 196 + 20, 64)
@@ -48,8 +52,7 @@ def test_float64_matches_upstream_fixture(model64, output64, parity_outputs):
         "beit3.text_tokens": tokens.text_tokens,
     }
     for name, ours in pairs.items():
-        assert ours.shape == parity_outputs[name].shape, name
-        assert (ours - parity_outputs[name]).abs().max().item() <= 1e-10, name
+        assert_matches_fixture(ours, parity_outputs[name], name)
 
 
 def test_padding_length_and_mask_dtype_have_no_effect(model64, output64, inputs):

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from conftest import submodule_state
+from parity_bounds import assert_matches_fixture
 
 from deris_rerank.deris.config import DerisConfig
 from deris_rerank.deris.deform_attn import ms_deform_attn_sample
@@ -205,10 +206,13 @@ def test_outputs_match_fixture_from_stored_swin_maps(outputs64, parity_outputs):
 def test_swin_then_pixel_decoder_matches_fixture_to_storage_rounding(
     parity_config, parity_state, parity_inputs, parity_outputs, decoder64
 ):
-    """Swin -> pixel decoder on the fixture image, float64: every stored float32 value is the
-    rounding of ours (|ours - ref| <= half an ulp of ref, plus 1e-12 for float64 noise).
-    The bound is tight enough to catch a missing float32 cast: building the positions or the
-    reference points in float64, or upsampling without .float(), breaks it (1e-7 to 3e-7)."""
+    """Swin -> pixel decoder on the fixture image, float64: every stored float32 value of the
+    multi-scale maps is the rounding of ours (|ours - ref| <= half an ulp of ref, plus 1e-12 for
+    float64 noise); tight enough to catch a missing float32 cast: building the positions or the
+    reference points in float64 breaks it (1e-7 to 3e-7). The mask features come after the float32
+    FPN upsample, whose kernel gives other last bits on other CPU instruction sets (measured
+    under default kernels: 1.5e-7 beyond storage rounding): they get the bound derived for them in
+    tests/parity_bounds.py on top (2.9e-6), and test_deris_parity checks that the cast is there."""
     swin = SwinBackbone(parity_config.swin).double().eval()
     swin.load_state_dict(submodule_state(parity_state, SWIN_PREFIX, drop=("relative_position_index",)), strict=True)
     image = parity_inputs["img"].double()
@@ -219,8 +223,8 @@ def test_swin_then_pixel_decoder_matches_fixture_to_storage_rounding(
         bound = FLOAT32_HALF_ULP * ref.abs() + 1e-12 * ref.abs().clamp(min=1)
         return bool(((ours - ref).abs() <= bound).all())
 
-    ref_mask, ref_maps = reference_maps(parity_outputs)
-    assert within_storage_rounding(mask_features[:1], ref_mask)
+    _, ref_maps = reference_maps(parity_outputs)
+    assert_matches_fixture(mask_features[:1], parity_outputs["pixel_decoder.mask_features.b0"], "pixel_decoder.mask_features.b0")
     for ours, ref in zip(multi_scale, ref_maps):
         assert ours.shape == ref.shape
         assert within_storage_rounding(ours, ref)
