@@ -32,6 +32,19 @@ def caches(tiny_model_dir, tmp_path_factory):
     return cache
 
 
+def extract_batch_of(tiny_model_dir, samples, index):
+    """The pipeline's candidate batch holding pair `index` of the `caches` split `samples`, and its row.
+
+    It is the model run extract made for the pair (the first shard's 8 pairs, grouped by image,
+    batch size 8): float32 results are bit-exact only for the same batch composition (a pair run
+    alone differs by ~1e-6 under ATEN_CPU_CAPABILITY=default).
+    """
+    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu")
+    shard = [(s.image, s.text, s.image_id or s.id) for s in samples[:8]]
+    batch = next(b for b in pipe.iter_candidates(shard, batch_size=8) if index in b.indices)
+    return batch, batch.indices.index(index)
+
+
 def test_cache_fields_and_ious_match_a_direct_computation(caches, tiny_model_dir):
     tensors, ids, provenance = read_cache([caches / "val"])
     samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
@@ -41,14 +54,9 @@ def test_cache_fields_and_ious_match_a_direct_computation(caches, tiny_model_dir
     assert tensors["query_feat"].shape == (p, n, 64) and tensors["det_scores"].shape == (p, n)
     assert tensors["grid_mean_16"].shape == (p, n, 256) and tensors["boundary_4"].shape == (p, n)
     assert tensors["oracle_idx"].tolist() == tensors["query_ious"].argmax(1).tolist()
-    # recompute pair 2 by hand through the pipeline, in the model run extract made for it (the
-    # first shard's 8 pairs, grouped by image, batch size 8): float32 results are bit-exact only
-    # for the same batch composition
-    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu")
+    # recompute pair 2 by hand through the pipeline, in the model run extract made for it
     sample = samples[2]
-    shard = [(s.image, s.text, s.image_id or s.id) for s in samples[:8]]
-    batch = next(b for b in pipe.iter_candidates(shard, batch_size=8) if 2 in b.indices)
-    row = batch.indices.index(2)
+    batch, row = extract_batch_of(tiny_model_dir, samples, 2)
     binary = batch.candidates.binary_masks()[row]
     target = resize_mask_nearest(torch.from_numpy(sample.target_mask()), binary.shape[-2:])
     iou, inter, union = mask_overlap(binary, target)
@@ -68,13 +76,12 @@ def test_cache_holds_the_text_aware_fields(caches, tiny_model_dir):
     assert (keep.sum(1) >= 1).all() and (keep[:, 0] == 1).all()  # every expression has tokens, left-aligned
     pooled = (tensors["text_feat"] * keep[..., None]).sum(1) / keep.sum(1, keepdims=True)
     assert np.allclose(tensors["text_pooled"], pooled, atol=1e-5)
-    # the same tensors as the model's own outputs for pair 0
-    samples = RefShapes("val", num_images=6, seed=3, image_size=(128, 128))
-    pipe = Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu")
-    text = next(pipe.iter_candidates([(samples[0].image, samples[0].text)])).candidates.text
-    assert np.allclose(tensors["cognition_feat"][0], text.cognition_embed[0].numpy(), atol=1e-6)
-    assert np.allclose(tensors["text_feat"][0], text.text_feat[0].numpy(), atol=1e-6)
-    assert tensors["text_padding"][0].tolist() == text.text_padding[0].int().tolist()
+    # the same tensors as the model's own outputs for pair 0, in the model run extract made for it
+    batch, row = extract_batch_of(tiny_model_dir, RefShapes("val", num_images=6, seed=3, image_size=(128, 128)), 0)
+    text = batch.candidates.text
+    assert np.allclose(tensors["cognition_feat"][0], text.cognition_embed[row].numpy(), atol=1e-6)
+    assert np.allclose(tensors["text_feat"][0], text.text_feat[row].numpy(), atol=1e-6)
+    assert tensors["text_padding"][0].tolist() == text.text_padding[row].int().tolist()
 
 
 def test_extract_resumes_and_splits_work_between_workers(caches, tiny_model_dir, tmp_path, capsys):
