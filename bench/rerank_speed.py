@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from deris_rerank.rerank.files import load_gate
-from deris_rerank.workflow.train_gate import load_gate_data
+from deris_rerank.rerank.gate_data import load_gate_data
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from deris_rerank.rerank.decision import DecisionRule
 from deris_rerank.rerank.files import load_gate
 from deris_rerank.rerank.text_context import TextContext, pooled_text
 from deris_rerank.workflow.train_calibrated import CalibratedSettings, listwise_targets, train_calibrated
-from deris_rerank.workflow.train_gate import GateData
+from deris_rerank.rerank.gate_data import GateData
 
 B, N, D, T = 6, 10, 16, 7
 CONFIG = CalibratedConfig(query_dim=D, text_dim=D, hidden_dim=32, n_layers=2, n_heads=4, n_queries=N, dropout=0.0)

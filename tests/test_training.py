@@ -11,7 +11,8 @@ from deris_rerank.tokenizer import Beit3Tokenizer
 from deris_rerank.training.attributes import AttributeHead, AttributeHeads, pooled_attribute_loss
 from deris_rerank.training.losses import LossWeights, PairTargets, deris_loss, hungarian_match, referent_attribute_loss, round_losses
 from deris_rerank.training.tokenizer import train_word_tokenizer
-from deris_rerank.training.train_deris import DerisTrainSettings, train_deris
+from deris_rerank.settings import DerisTrainSettings
+from deris_rerank.training.train_deris import train_deris
 
 
 def squares(k, size=16):

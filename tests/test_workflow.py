@@ -13,7 +13,7 @@ from deris_rerank.transforms import resize_mask_nearest
 from deris_rerank.rerank.cache import read_cache
 from deris_rerank.rerank.files import load_gate
 from deris_rerank.workflow.extract import mask_overlap
-from deris_rerank.workflow.train_gate import load_gate_data
+from deris_rerank.rerank.gate_data import load_gate_data
 
 SMALL = ["--hidden-dim", "32", "--n-layers", "1", "--n-heads", "4", "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "16"]
 
@@ -110,7 +110,8 @@ def test_train_gate_is_deterministic_and_tunes_tau_on_the_tuning_split(caches, t
     assert runs[0]["rule"] == runs[1]["rule"] and runs[0]["tune_pairs"] == len(RefShapes("tune", num_images=6, seed=2))
     assert a.config.hidden_dim == 32 and a.config.query_dim == 64
     # tau is the best on the tuning split: no other tau on the grid does better there
-    from deris_rerank.workflow.train_gate import TAU_GRID, delta_full, gate_outputs
+    from deris_rerank.rerank.gate_data import gate_outputs
+    from deris_rerank.workflow.train_gate import TAU_GRID, delta_full
     from deris_rerank.rerank.decision import apply_rule
     import dataclasses
 
@@ -305,7 +306,7 @@ def test_retune_repicks_the_points_train_gate_picked_and_keeps_the_weights(cache
 
 def test_text_aware_training_on_an_old_cache_fails_with_one_line(caches, tmp_path, capsys):
     from deris_rerank.rerank.cache import write_shard
-    from deris_rerank.workflow.train_gate import CACHE_TEXT_FIELDS
+    from deris_rerank.rerank.gate_data import CACHE_TEXT_FIELDS
 
     tensors, ids, provenance = read_cache([caches / "train"])
     old = {k: torch.from_numpy(v) for k, v in tensors.items() if k not in (*CACHE_TEXT_FIELDS, "text_pooled")}

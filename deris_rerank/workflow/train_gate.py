@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from ..settings import FEATURE_SETS, TrainSettings  # noqa: F401  (re-exported)
+from ..settings import FEATURE_SETS, TrainSettings
 from ..rerank.decision import DecisionRule, apply_rule
 from ..rerank.venice import RELEASED, GateConfig, ReleasedGate, VeniceGate
-from ..rerank.gate_data import CACHE_TEXT_FIELDS, GateData, gate_outputs, load_gate_data  # noqa: F401  (re-exported)
+from ..rerank.gate_data import GateData, gate_outputs
 from ..rerank.signatures import GRID_SIZES
 
 TAU_GRID = tuple(round(0.01 * k, 2) for k in range(100))
