@@ -70,6 +70,9 @@ def test_set_reranker_trains_evaluates_and_answers_with_sets(gres_caches, tiny_m
     assert set(printed["set_operating_points"]) == {"tuned", "conservative"} and "tuned_set_tune_giou" in printed
     gate = load_gate(tmp_path / "set.safetensors")
     assert gate.config.sets and gate.config.set_inputs == ("existence", "overlap")
+    assert gate.set_rule.union_threshold == 0.7  # deferring answers with the caches' DeRIS threshold
+    if printed["tuned_set_within_budget"]:
+        assert printed["tuned_set_tune_harmful"] <= 8.0
     assert cli.main(["evaluate", "--cache", str(gres_caches / "tune"), "--gate", str(tmp_path / "set.safetensors"),
                      "--tune", str(gres_caches / "train"), "--out", str(tmp_path / "report")]) == 0
     table = capsys.readouterr().out

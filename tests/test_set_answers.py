@@ -93,11 +93,26 @@ def test_set_rule_answers_none_several_or_the_single_choice():
     kind = torch.tensor([[5.0, 0.0, 0.0], [0.0, 0.0, 5.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]]).log_softmax(-1)
     member = torch.tensor([[3.0, 3.0, -3.0], [3.0, -3.0, 3.0], [3.0, 3.0, 3.0], [-3.0, -3.0, -3.0]])
     single = torch.tensor([1, 1, 2, 0])
-    chosen, p_none, p_several, _ = apply_set_rule(SetRule(0.5, 0.5, 0.5), single, kind, member)
+    scores = torch.tensor([[0.9, 0.1, 0.7]] * 4)
+    chosen, p_none, p_several, _ = apply_set_rule(SetRule(0.5, 0.5, 0.5), single, kind, member, scores)
     assert chosen.tolist() == [[False, False, False], [True, False, True], [False, False, True], [True, False, False]]
     assert p_none[0] > 0.9 and p_several[1] > 0.9  # the last pair: several but no member -> the single choice
-    never_none = apply_set_rule(SetRule(1.0, 0.5, 0.5), single, kind, member)[0]
+    never_none = apply_set_rule(SetRule(1.0, 0.5, 0.5), single, kind, member, scores)[0]
     assert never_none[0].tolist() == [False, True, False]
+
+
+def test_set_rule_defers_to_derises_union_only_when_the_kind_head_is_unsure():
+    kind = torch.tensor([[5.0, 0.0, 0.0], [0.4, 0.5, 0.3], [0.0, 5.0, 0.0]]).log_softmax(-1)
+    member = torch.full((3, 3), -3.0)
+    single = torch.tensor([1, 1, 1])
+    scores = torch.tensor([[0.9, 0.1, 0.7], [0.9, 0.1, 0.7], [0.2, 0.1, 0.3]])
+    own = apply_set_rule(SetRule(0.5, 0.5, 0.5), single, kind, member, scores)[0]
+    deferring = apply_set_rule(SetRule(0.5, 0.5, 0.5, tau_defer=0.9, union_threshold=0.6), single, kind, member, scores)[0]
+    assert own.tolist() == [[False, False, False], [False, True, False], [False, True, False]]
+    # sure pairs keep the re-ranker's answer; the unsure one (largest kind probability ~0.37) is DeRIS's union
+    assert deferring.tolist() == [[False, False, False], [True, False, True], [False, True, False]]
+    never = apply_set_rule(SetRule(0.5, 0.5, 0.5, tau_defer=0.0), single, kind, member, scores)[0]
+    assert torch.equal(never, own)
 
 
 B, N, D, T = 24, 6, 8, 5

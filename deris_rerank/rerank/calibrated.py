@@ -342,7 +342,8 @@ class CalibratedReranker(nn.Module):
                                        calibrated=out.calibrated, retrieved=out.retrieved)
         if not self.config.sets:
             return decision
-        chosen, p_none, p_several, member = apply_set_rule(self.set_rule, decision.selected, out.kind, out.member)
+        cast_scores = inputs[1]
+        chosen, p_none, p_several, member = apply_set_rule(self.set_rule, decision.selected, out.kind, out.member, cast_scores)
         return dataclasses.replace(decision, chosen=chosen, p_none=p_none, p_several=p_several, member=member)
 
     def _checked_inputs(self, query_embed, scores, mask_stats, grid_sigs, text):

@@ -15,7 +15,9 @@ probabilities that the expression refers to no object, one or several (`kind_log
 each candidate's membership logit (`member_logit` [B, N]); `apply_set_rule` makes the answer a
 set of candidates:
 
-    p_none > tau_none                                -> no candidate ("no object matches")
+    max(p_none, p_one, p_several) <= tau_defer       -> DeRIS's own answer: the candidates scoring
+                                                        above union_threshold (unsure how many)
+    else p_none > tau_none                           -> no candidate ("no object matches")
     else p_several / (1 - p_none) > tau_several      -> the candidates with sigmoid(member) >
                                                         tau_member (the single choice when none is)
     else                                             -> the single choice of `apply_rule`
@@ -70,16 +72,24 @@ class GateDecision:
 
 @dataclass(frozen=True)
 class SetRule:
-    """Thresholds of a set answer (see the module docstring), each a probability in [0, 1]."""
+    """Thresholds of a set answer (see the module docstring), each a probability in [0, 1].
+
+    tau_defer 0 never defers (the kind probabilities' largest is at least 1/3); union_threshold is
+    DeRIS's score threshold for its own answer (its config's `score_threshold` when tuned).
+    """
 
     tau_none: float = 0.5
     tau_several: float = 0.5
     tau_member: float = 0.5
+    tau_defer: float = 0.0
+    union_threshold: float = 0.6
 
 
-def apply_set_rule(rule: SetRule, single: Tensor, kind_logits: Tensor, member_logit: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def apply_set_rule(rule: SetRule, single: Tensor, kind_logits: Tensor, member_logit: Tensor,
+                   scores: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(chosen bool [B, N], p_none [B], p_several [B] (conditional on some object), member [B, N]
-    probabilities) of set answers; single [B] int64: the slot `apply_rule` chose for each pair."""
+    probabilities) of set answers; single [B] int64: the slot `apply_rule` chose for each pair;
+    scores [B, N]: DeRIS's candidate scores (its own answer, for deferring)."""
     kind = kind_logits.float().softmax(dim=-1)
     p_none = kind[:, 0]
     p_several = kind[:, 2] / (1 - p_none).clamp(min=1e-12)
@@ -89,6 +99,8 @@ def apply_set_rule(rule: SetRule, single: Tensor, kind_logits: Tensor, member_lo
     members = member > rule.tau_member
     several = (p_several > rule.tau_several)[:, None] & members.any(dim=1, keepdim=True)
     chosen = torch.where(several, members, single_set) & ~(p_none > rule.tau_none)[:, None]
+    defer = kind.amax(dim=-1) <= rule.tau_defer
+    chosen = torch.where(defer[:, None], scores > rule.union_threshold, chosen)
     return chosen, p_none, p_several, member
 
 

@@ -71,7 +71,7 @@ def answers_of(name: str, gate, data: GateData) -> Dict[str, np.ndarray]:
     answers = {}
     for label, (rule, set_rule) in labelled.items():
         single = apply_rule(rule, default_index, p_fail_logit, fused).selected
-        answers[label] = apply_set_rule(set_rule, single, kind, member)[0].numpy()
+        answers[label] = apply_set_rule(set_rule, single, kind, member, data.scores)[0].numpy()
     return answers
 
 

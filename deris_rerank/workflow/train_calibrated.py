@@ -24,7 +24,8 @@ and cross-entropy of the kind (no object, one, several) on every pair; the listw
 losses then count only pairs that have targets (on a no-target pair every candidate's IoU is 0,
 an empty one's 1: nothing to rank). Its single-candidate points are picked as above on the
 tuning pairs with one target; its set points ("tuned", "conservative": `SetRule` thresholds over
-SET_TAU_GRID and MEMBER_GRID, each on top of the single point of the same name) maximise gIoU on
+SET_TAU_GRID, MEMBER_GRID and DEFER_GRID, each on top of the single point of the same name;
+deferring answers DeRIS's own union when the kind head is unsure) maximise gIoU on
 all tuning pairs while the Wilson bound of the share of harmful answers (IoU more than 0.01 below
 DeRIS's own union answer's) stays within `set_max_harmful` / `set_conservative_harmful` %; where
 nothing fits, the point is the one with the fewest harmful answers (the report says so).
@@ -54,6 +55,7 @@ CALIBRATED_TAU_GRID = TAU_GRID + (0.995, 0.999)  # a conservative point may need
 NEVER_SWITCH = DecisionRule(tau=1.0, margin_pred=0.0)  # p_fail > 1 never holds
 SET_TAU_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20)) + (0.99,)  # tau_none and tau_several
 MEMBER_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # tau_member
+DEFER_GRID = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)  # tau_defer (0: never defer)
 
 
 
@@ -271,7 +273,8 @@ def choose_set_points(
     `tune` (with its packed masks) on top of the re-ranker's single points of the same names."""
     sets = tune.require_sets(masks=True)
     default_index, p_fail_logit, fused, member_logit, kind_logit = set_outputs(reranker, tune)
-    reference = (tune.scores > deris_score_threshold(tune)).numpy()
+    union_threshold = deris_score_threshold(tune)
+    reference = (tune.scores > union_threshold).numpy()
     ref_iou = answer_ious(sets, reference)
     count, n = reference.shape
     empty_iou = answer_ious(sets, np.zeros_like(reference))
@@ -281,6 +284,7 @@ def choose_set_points(
         several_ious[tau_member] = (answer_ious(sets, members), members.any(axis=1), members)
     kind = kind_logit.softmax(dim=-1).numpy()
     p_none, p_several = kind[:, 0], kind[:, 2] / np.clip(1 - kind[:, 0], 1e-12, None)
+    sure = kind.max(axis=1)
     budgets = {"tuned": settings.set_max_harmful, "conservative": settings.set_conservative_harmful}
     points, report = {}, {}
     for name, budget in budgets.items():
@@ -293,16 +297,21 @@ def choose_set_points(
                 none = p_none > tau_none
                 for tau_several in SET_TAU_GRID:
                     several = (p_several > tau_several) & has_member & ~none
-                    iou = np.where(none, empty_iou, np.where(several, several_iou, single_iou))
-                    answer = np.where(several[:, None], members, single_set) & ~none[:, None]
-                    changed = 100 * float((answer != reference).any(axis=1).mean())
-                    harmful = 100 * float((iou < ref_iou - HARM_MARGIN).mean())
-                    bound = min(harmful_upper_bound(harmful, count, settings.harm_confidence), changed)
-                    figures = (100 * float(iou.mean()), harmful, changed, SetRule(tau_none, tau_several, tau_member))
-                    if bound <= budget and (best is None or figures[0] > best[0] + 1e-12):
-                        best = figures
-                    if fewest is None or harmful < fewest[1] - 1e-12:
-                        fewest = figures
+                    own_iou = np.where(none, empty_iou, np.where(several, several_iou, single_iou))
+                    own_answer = np.where(several[:, None], members, single_set) & ~none[:, None]
+                    own_changed = (own_answer != reference).any(axis=1)
+                    for tau_defer in DEFER_GRID:
+                        defer = sure <= tau_defer
+                        iou = np.where(defer, ref_iou, own_iou)
+                        changed = 100 * float((own_changed & ~defer).mean())
+                        harmful = 100 * float((iou < ref_iou - HARM_MARGIN).mean())
+                        bound = min(harmful_upper_bound(harmful, count, settings.harm_confidence), changed)
+                        rule = SetRule(tau_none, tau_several, tau_member, tau_defer, union_threshold)
+                        figures = (100 * float(iou.mean()), harmful, changed, rule)
+                        if bound <= budget and (best is None or figures[0] > best[0] + 1e-12):
+                            best = figures
+                        if fewest is None or harmful < fewest[1] - 1e-12:
+                            fewest = figures
         chosen = best or fewest
         points[name] = chosen[3]
         report.update({f"{name}_set_tune_giou": chosen[0], f"{name}_set_tune_harmful": chosen[1],
