@@ -101,16 +101,17 @@ def test_set_rule_answers_none_several_or_the_single_choice():
     assert never_none[0].tolist() == [False, True, False]
 
 
-def test_set_rule_defers_to_derises_union_only_when_the_kind_head_is_unsure():
-    kind = torch.tensor([[5.0, 0.0, 0.0], [0.4, 0.5, 0.3], [0.0, 5.0, 0.0]]).log_softmax(-1)
-    member = torch.full((3, 3), -3.0)
-    single = torch.tensor([1, 1, 1])
-    scores = torch.tensor([[0.9, 0.1, 0.7], [0.9, 0.1, 0.7], [0.2, 0.1, 0.3]])
+def test_set_rule_defers_to_derises_union_only_when_the_reranker_is_unsure():
+    kind = torch.tensor([[5.0, 0.0, 0.0], [0.4, 0.5, 0.3], [0.0, 5.0, 0.0], [0.0, 5.0, 0.0]]).log_softmax(-1)
+    member = torch.tensor([[-3.0, -3.0, -3.0]] * 3 + [[-3.0, 0.1, -3.0]])  # |2 sigmoid - 1|: 0.905, and 0.05
+    single = torch.tensor([1, 1, 1, 1])
+    scores = torch.tensor([[0.9, 0.1, 0.7], [0.9, 0.1, 0.7], [0.2, 0.1, 0.3], [0.9, 0.1, 0.7]])
     own = apply_set_rule(SetRule(0.5, 0.5, 0.5), single, kind, member, scores)[0]
     deferring = apply_set_rule(SetRule(0.5, 0.5, 0.5, tau_defer=0.9, union_threshold=0.6), single, kind, member, scores)[0]
-    assert own.tolist() == [[False, False, False], [False, True, False], [False, True, False]]
-    # sure pairs keep the re-ranker's answer; the unsure one (largest kind probability ~0.37) is DeRIS's union
-    assert deferring.tolist() == [[False, False, False], [True, False, True], [False, True, False]]
+    assert own.tolist() == [[False, False, False], [False, True, False], [False, True, False], [False, True, False]]
+    # sure pairs keep the re-ranker's answer; unsure ones are DeRIS's union: pair 1 of how many
+    # (largest kind probability ~0.37), pair 3 of a candidate's membership (0.05)
+    assert deferring.tolist() == [[False, False, False], [True, False, True], [False, True, False], [True, False, True]]
     never = apply_set_rule(SetRule(0.5, 0.5, 0.5, tau_defer=0.0), single, kind, member, scores)[0]
     assert torch.equal(never, own)
 

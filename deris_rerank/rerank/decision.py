@@ -15,8 +15,10 @@ probabilities that the expression refers to no object, one or several (`kind_log
 each candidate's membership logit (`member_logit` [B, N]); `apply_set_rule` makes the answer a
 set of candidates:
 
-    max(p_none, p_one, p_several) <= tau_defer       -> DeRIS's own answer: the candidates scoring
-                                                        above union_threshold (unsure how many)
+    confidence < tau_defer                           -> DeRIS's own answer: the candidates scoring
+                                                        above union_threshold
+    (confidence = min(max(p_none, p_one, p_several), min over candidates of |2 sigmoid(member) - 1|):
+    how sure the re-ranker is of how many objects and of which candidates belong)
     else p_none > tau_none                           -> no candidate ("no object matches")
     else p_several / (1 - p_none) > tau_several      -> the candidates with sigmoid(member) >
                                                         tau_member (the single choice when none is)
@@ -74,7 +76,7 @@ class GateDecision:
 class SetRule:
     """Thresholds of a set answer (see the module docstring), each a probability in [0, 1].
 
-    tau_defer 0 never defers (the kind probabilities' largest is at least 1/3); union_threshold is
+    tau_defer 0 never defers; union_threshold is
     DeRIS's score threshold for its own answer (its config's `score_threshold` when tuned).
     """
 
@@ -99,9 +101,15 @@ def apply_set_rule(rule: SetRule, single: Tensor, kind_logits: Tensor, member_lo
     members = member > rule.tau_member
     several = (p_several > rule.tau_several)[:, None] & members.any(dim=1, keepdim=True)
     chosen = torch.where(several, members, single_set) & ~(p_none > rule.tau_none)[:, None]
-    defer = kind.amax(dim=-1) <= rule.tau_defer
+    defer = set_confidence(kind, member) < rule.tau_defer
     chosen = torch.where(defer[:, None], scores > rule.union_threshold, chosen)
     return chosen, p_none, p_several, member
+
+
+def set_confidence(kind: Tensor, member: Tensor) -> Tensor:
+    """[B] in [0, 1]: a set re-ranker's confidence in its answer, from its kind probabilities [B, 3]
+    and membership probabilities [B, N] (see the module docstring)."""
+    return torch.minimum(kind.amax(dim=-1), (2 * member - 1).abs().amin(dim=-1))
 
 
 def apply_rule(rule: DecisionRule, default_index: Tensor, p_fail_logit: Tensor, gain: Tensor) -> GateDecision:

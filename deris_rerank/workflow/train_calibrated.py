@@ -25,7 +25,7 @@ losses then count only pairs that have targets (on a no-target pair every candid
 an empty one's 1: nothing to rank). Its single-candidate points are picked as above on the
 tuning pairs with one target; its set points ("tuned", "conservative": `SetRule` thresholds over
 SET_TAU_GRID, MEMBER_GRID and DEFER_GRID, each on top of the single point of the same name;
-deferring answers DeRIS's own union when the kind head is unsure) maximise gIoU on
+deferring answers DeRIS's own union when the re-ranker is unsure) maximise gIoU on
 all tuning pairs while the Wilson bound of the share of harmful answers (IoU more than 0.01 below
 DeRIS's own union answer's) stays within `set_max_harmful` / `set_conservative_harmful` %; where
 nothing fits, the point is the one with the fewest harmful answers (the report says so).
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..settings import CalibratedSettings
 from ..rerank.calibrated import CalibratedConfig, CalibratedReranker
-from ..rerank.decision import DecisionRule, SetRule, apply_rule
+from ..rerank.decision import DecisionRule, SetRule, apply_rule, set_confidence
 from ..rerank.gate_data import GateData, gate_outputs, set_outputs
 from ..workflow.metrics import HARM_MARGIN
 from .set_metrics import answer_ious
@@ -55,7 +55,7 @@ CALIBRATED_TAU_GRID = TAU_GRID + (0.995, 0.999)  # a conservative point may need
 NEVER_SWITCH = DecisionRule(tau=1.0, margin_pred=0.0)  # p_fail > 1 never holds
 SET_TAU_GRID = tuple(round(0.05 * k, 2) for k in range(1, 20)) + (0.99,)  # tau_none and tau_several
 MEMBER_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # tau_member
-DEFER_GRID = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)  # tau_defer (0: never defer)
+DEFER_GRID = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)  # tau_defer (0: never defer)
 
 
 
@@ -284,7 +284,7 @@ def choose_set_points(
         several_ious[tau_member] = (answer_ious(sets, members), members.any(axis=1), members)
     kind = kind_logit.softmax(dim=-1).numpy()
     p_none, p_several = kind[:, 0], kind[:, 2] / np.clip(1 - kind[:, 0], 1e-12, None)
-    sure = kind.max(axis=1)
+    sure = set_confidence(kind_logit.softmax(dim=-1), member_logit.sigmoid()).numpy()
     budgets = {"tuned": settings.set_max_harmful, "conservative": settings.set_conservative_harmful}
     points, report = {}, {}
     for name, budget in budgets.items():
@@ -301,7 +301,7 @@ def choose_set_points(
                     own_answer = np.where(several[:, None], members, single_set) & ~none[:, None]
                     own_changed = (own_answer != reference).any(axis=1)
                     for tau_defer in DEFER_GRID:
-                        defer = sure <= tau_defer
+                        defer = sure < tau_defer
                         iou = np.where(defer, ref_iou, own_iou)
                         changed = 100 * float((own_changed & ~defer).mean())
                         harmful = 100 * float((iou < ref_iou - HARM_MARGIN).mean())
