@@ -376,9 +376,10 @@ def run_extract(
     progress: bool = True, source: Optional[dict] = None, overwrite: bool = False,
 ) -> Dict[str, int]:
     """`workflow.extract.extract_split` on Ray: the same shards (tensors equal) and errors, the same
-    provenance check and resume rule (complete shards are skipped; `worker` as there). Chunks come
-    back in order, so the driver writes the shards (and their errors) in order, each as soon as all
-    its pairs are back. Returns counts of pairs written, skipped and failed."""
+    provenance check and resume rule (complete shards are skipped; `worker` as there). The driver
+    writes the shards (and their errors) in split order, each as soon as all its pairs and those of
+    the shards before it are back (Ray may return a later shard's failures first). Returns counts
+    of pairs written, skipped and failed."""
     from .pipeline import plan_chunks
     from .workflow.extract import check_extract_inputs, ground_truth, plan_extract, save_shard
 
@@ -399,6 +400,7 @@ def run_extract(
 
     collected: Dict[int, Dict[int, dict]] = {}
     failed: Dict[int, Dict[int, str]] = {}
+    next_shard = 0  # jobs[:next_shard] are written
     bar = tqdm(unit="pair", disable=not progress, dynamic_ncols=True)
     try:
         for done in _stream(spec, resources, "extract", batch_size, protocol, source, plan, ordered=True):
@@ -407,10 +409,12 @@ def run_extract(
             for (j, i), kind, value in done["outcomes"]:
                 (failed if kind == "error" else collected).setdefault(j, {})[i] = value
                 bar.update(1)
-                if len(collected.get(j, {})) + len(failed.get(j, {})) == len(jobs[j].samples):
-                    written, lost = save_shard(jobs[j], collected.pop(j, {}), failed.pop(j, {}))
-                    counts["written"] += written
-                    counts["failed"] += lost
+            while next_shard < len(jobs) and \
+                    len(collected.get(next_shard, {})) + len(failed.get(next_shard, {})) == len(jobs[next_shard].samples):
+                written, lost = save_shard(jobs[next_shard], collected.pop(next_shard, {}), failed.pop(next_shard, {}))
+                counts["written"] += written
+                counts["failed"] += lost
+                next_shard += 1
     finally:
         bar.close()
     return state["counts"]
