@@ -5,7 +5,7 @@
 # supervised), then the set re-ranker (the calibrated re-ranker with membership and no-object / one /
 # several heads) trained on features extracted from separate gres-mode splits; evaluated on held-out
 # gres and ris splits.
-# Usage: bash weights/build_gres.sh [RUN_DIR]   (about 1 h 40 min on 2 CPU cores; DEVICE=cuda to use a GPU)
+# Usage: bash weights/build_gres.sh [RUN_DIR]   (about 1 h 50 min on 2 CPU cores; DEVICE=cuda to use a GPU)
 # GRES_STEPS / BATCH_SIZE (defaults 5000 and 16) set the fine-tune. An interrupted fine-tune resumes
 # from its checkpoint.pt when the script is rerun with the same settings.
 set -euo pipefail
@@ -28,11 +28,13 @@ for seed in 11 21; do extract gate-train 9000 "$seed" gres "$RUN/cache-$seed"; d
 extract gate-tune 1500 12 gres "$RUN/cache"
 extract test 1000 13 gres "$RUN/cache"
 extract test 1000 13 ris "$RUN/cache-ris"
+# single-target pairs too, so that the re-ranker's one-candidate answers stay as good as the default's
+for seed in 41 51; do extract gate-train 4500 "$seed" ris "$RUN/cache-ris-$seed"; done
 
 deris-rerank train-gate --arch calibrated --sets --set-existence --set-overlap \
-    --train "$RUN/cache-11/gate-train" "$RUN/cache-21/gate-train" --tune "$RUN/cache/gate-tune" \
-    --out "$MODEL/gate" --hidden-dim 128 --n-layers 2 --n-heads 4 --batch-size 256 --warmup-epochs 1 --lr 1e-3 \
-    --geometry --epochs 14 --seed "${GATE_SEED:-42}" --device "$DEVICE"
+    --train "$RUN/cache-11/gate-train" "$RUN/cache-21/gate-train" "$RUN/cache-ris-41/gate-train" "$RUN/cache-ris-51/gate-train" \
+    --tune "$RUN/cache/gate-tune" --out "$MODEL/gate" --hidden-dim 128 --n-layers 2 --n-heads 4 --batch-size 256 \
+    --warmup-epochs 1 --lr 1e-3 --geometry --epochs 8 --seed "${GATE_SEED:-42}" --device "$DEVICE"
 
 # held-out figures: on the caches (the set table), and the pipeline's own answers at the images' size
 deris-rerank evaluate --cache "$RUN/cache/test" --gate "$MODEL/gate.safetensors" --tune "$RUN/cache/gate-tune" --out "$RUN/report"
