@@ -1,19 +1,21 @@
-"""Time each DeRIS stage with random weights, float32 and a fast mode side by side, with peak memory.
+"""Time each DeRIS stage with random weights, float32 and the other precision modes side by side,
+with peak memory and agreement.
 
     python bench/deris_speed.py --preset deris-l-refcoco --batch 1 8
-    python bench/deris_speed.py --preset deris-l-refcoco --batch 1 --dtypes float32 bfloat16 --repeats 5
+    python bench/deris_speed.py --preset deris-l-refcoco --batch 1 --dtypes float32 int8 bfloat16 --repeats 5
     python bench/deris_speed.py --preset deris-b-refcoco --device cuda --dtypes float32 bfloat16
 
 Stages: preprocess (cv2 decode + both resizes + normalise, per image), swin, pixel_decoder,
 beit3 (incl. projections), decoder (4 loopback rounds), aligner, upsample (stride-4 -> 384 logits)
 and postprocess (DeRIS's own answer mask at the original size). The model is float32; each
-dtype after the first runs as the pipeline runs it (autocast, on a copy of the model whose
-linear/conv weights are stored in that dtype), and the dtypes alternate call by call so that
-both see the same machine state. Prints, per batch size and dtype, the median
-(min, max) ms per pair, each stage's median and the ratio to the first dtype, and for every
-further dtype its agreement with the first on the same input: the share of mask pixels
-binarised differently and the largest referring-score difference. With --json, writes the
-numbers. Memory: each mode's weights, and the process peak RSS on CPU (getrusage: all modes'
+dtype after the first runs as the pipeline runs it, on a copy of the model
+(`devices.convert_for_precision`: autocast with linear/conv weights stored in that dtype, or int8
+linear layers), and the dtypes alternate call by call so that all see the same machine state.
+Prints, per batch size and dtype, the median (min, max) ms per pair, each stage's median and the
+ratio to the first dtype, and for every further dtype its agreement with the first over
+--agreement-inputs random pairs (random image and tokens each): the share of mask pixels
+binarised differently, the largest referring-score difference and the share of pairs whose top
+candidate is the same. With --json, writes the numbers. Memory: each mode's weights, and the process peak RSS on CPU (getrusage: all modes'
 models together), peak allocated CUDA memory on GPU.
 Timings are over --repeats calls per dtype after one warm-up each.
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import resource
 import statistics
 import sys
@@ -36,7 +37,8 @@ import torch
 from deris_rerank.candidates import deris_answer_mask
 from deris_rerank.deris.config import DerisConfig
 from deris_rerank.deris.model import DerisModel
-from deris_rerank.devices import bfloat16_emulation, precision, resolve_dtype, store_for_autocast
+from deris_rerank.devices import autocast_dtype_of, bfloat16_emulation, convert_for_precision, precision, resolve_precision
+from deris_rerank.precision_choice import cpu_name, synthetic_pair
 from deris_rerank.images import load_image
 from deris_rerank.timing import StageTimer
 from deris_rerank.transforms import prepare_images, resize_mask_nearest
@@ -44,19 +46,17 @@ from deris_rerank.transforms import prepare_images, resize_mask_nearest
 STAGES = ("preprocess", "swin", "pixel_decoder", "beit3", "decoder", "aligner", "upsample", "postprocess")
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def weights_gib(model: torch.nn.Module) -> float:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    """The model's stored weights, GiB: parameters, buffers and int8 layers' packed weights and biases."""
+    def nbytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        return sum(nbytes(v) for v in value) if isinstance(value, (tuple, list)) else 0
+    return sum(nbytes(v) for v in model.state_dict().values()) / 2**30
 
 
 def one_run(model, config, image_path, batch, device, autocast_dtype):
@@ -79,14 +79,26 @@ def one_run(model, config, image_path, batch, device, autocast_dtype):
     return timer, out
 
 
-def agreement(reference, other) -> dict:
-    """Share of mask pixels binarised differently (logit >= 0) and the largest score difference."""
-    masks = (reference.mask_logits.float() >= 0) != (other.mask_logits.float() >= 0)
-    return {
-        "mask_pixels_differing": float(masks.float().mean()),
-        "max_score_diff": float((reference.scores.float() - other.scores.float()).abs().max()),
-        "same_top_candidate": bool((reference.scores.argmax(-1) == other.scores.argmax(-1)).all()),
-    }
+def agreement(models, reference_mode, mode, config, device, inputs: int) -> dict:
+    """Over `inputs` random pairs: the share of mask pixels binarised differently (logit >= 0), the
+    largest referring-score difference, and the share of pairs with the same top candidate."""
+    differing, score_diff, same_top = [], 0.0, []
+    for seed in range(inputs):
+        pair = synthetic_pair(config, device)
+        generator = torch.Generator().manual_seed(1000 + seed)
+        pair["image_hi"] = torch.randn(pair["image_hi"].shape, generator=generator).to(device)
+        pair["image_lo"] = torch.randn(pair["image_lo"].shape, generator=generator).to(device)
+        pair["tokens"][:, 1:11] = torch.randint(4, min(1000, config.beit3.vocab_size - 1), (1, 10), generator=generator)
+        outs = []
+        for name in (reference_mode, mode):
+            with precision(device, autocast_dtype_of(name)):
+                outs.append(models[name](**pair))
+        want, got = outs
+        differing.append(float(((want.mask_logits.float() >= 0) != (got.mask_logits.float() >= 0)).float().mean()))
+        score_diff = max(score_diff, float((want.scores.float() - got.scores.float()).abs().max()))
+        same_top.append(bool((want.scores.argmax(-1) == got.scores.argmax(-1)).all()))
+    return {"inputs": inputs, "mask_pixels_differing": float(np.mean(differing)), "max_score_diff": score_diff,
+            "same_top_candidate": float(np.mean(same_top))}
 
 
 def main() -> int:
@@ -95,15 +107,16 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per dtype and batch size")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"],
-                        help="the first is the reference; the others run as autocast")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16", "int8"],
+                        help="the first is the reference; the others run as the pipeline runs them")
+    parser.add_argument("--agreement-inputs", type=int, default=20, help="random pairs each mode's agreement is measured on")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    autocast = {name: resolve_dtype(name, device) for name in args.dtypes}
+    autocast = {name: autocast_dtype_of(resolve_precision(name, device)) for name in args.dtypes}
     config = DerisConfig.preset(args.preset)
 
     rss_before = peak_rss_gib()
@@ -116,16 +129,16 @@ def main() -> int:
     image_path = Path("/tmp/deris_bench_image.jpg")
     rng = np.random.default_rng(0)
     cv2.imwrite(str(image_path), rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
-    # as the pipeline runs them: a fast mode's copy keeps its linear/conv weights in its dtype
-    models = {name: model if autocast[name] is None else store_for_autocast(copy.deepcopy(model), autocast[name])
-              for name in args.dtypes}
+    # as the pipeline runs them: each other mode on a converted copy
+    models = {name: model if name == "float32" else convert_for_precision(copy.deepcopy(model), name) for name in args.dtypes}
 
     results = []
     with torch.inference_mode():
         for batch in args.batch:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            outputs = {name: one_run(models[name], config, image_path, batch, device, autocast[name])[1] for name in args.dtypes}
+            for name in args.dtypes:  # warm-up
+                one_run(models[name], config, image_path, batch, device, autocast[name])
             runs = {name: [] for name in args.dtypes}
             for _ in range(args.repeats):
                 for name in args.dtypes:  # alternate, so that both dtypes see the same machine state
@@ -144,7 +157,7 @@ def main() -> int:
                     reference = row
                 else:
                     row["ratio_to_first"] = row["ms_per_pair"] / reference["ms_per_pair"]
-                    row["agreement_with_first"] = agreement(outputs[args.dtypes[0]], outputs[name])
+                    row["agreement_with_first"] = agreement(models, args.dtypes[0], name, config, device, args.agreement_inputs)
                 results.append(row)
 
     machine = {
@@ -168,9 +181,9 @@ def main() -> int:
     for r in results:
         if "agreement_with_first" in r:
             a = r["agreement_with_first"]
-            print(f"batch {r['batch']} {r['dtype']} vs {args.dtypes[0]}: {100 * a['mask_pixels_differing']:.3f}% of mask pixels "
-                  f"binarised differently, largest score difference {a['max_score_diff']:.4f}, same top candidate: "
-                  f"{a['same_top_candidate']}")
+            print(f"batch {r['batch']} {r['dtype']} vs {args.dtypes[0]} over {a['inputs']} random pairs: "
+                  f"{100 * a['mask_pixels_differing']:.3f}% of mask pixels binarised differently, largest score difference "
+                  f"{a['max_score_diff']:.4f}, same top candidate on {100 * a['same_top_candidate']:.0f}%")
     if args.json:
         args.json.write_text(json.dumps({"preset": args.preset, "machine": machine, "build": build, "results": results}, indent=2))
     return 0

@@ -1,6 +1,6 @@
-"""Device and precision settings: "auto" -> CUDA when available; float32, or a reduced-precision
+"""Device and precision settings: "auto" -> CUDA when available; float32, a reduced-precision
 autocast (bfloat16 or float16 on CUDA; bfloat16 on the CPU, where oneDNN runs bfloat16 matmuls
-with AVX-512 BF16/AMX when the processor has them). The model keeps softmaxes, deformable
+with AVX-512 BF16/AMX when the processor has them), or int8 linear layers on the CPU (`int8`). The model keeps softmaxes, deformable
 sampling and mask upsampling in float32 under autocast, and the signatures and gate run in float32.
 `store_for_autocast` keeps the weights autocast would round on every call already rounded.
 
@@ -21,7 +21,10 @@ from torch import nn
 
 from .errors import InputError, SlowDtypeWarning
 
-LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The precision modes a model runs in (`resolve_precision`), and the autocast dtype of those that are autocast.
+PRECISION_MODES = ("float32", "bfloat16", "float16", "int8")
+MODE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(device: Union[str, torch.device]) -> torch.device:
@@ -37,23 +40,32 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
     return device
 
 
-def resolve_dtype(dtype: Union[None, str, torch.dtype], device: torch.device) -> Optional[torch.dtype]:
-    """None/float32 -> None (plain float32); bfloat16/float16 -> the autocast dtype (float16 on CUDA only).
+def resolve_precision(dtype: Union[None, str, torch.dtype], device: torch.device) -> str:
+    """The precision mode a `dtype` setting names on `device`: "float32" (None, "float32"), "bfloat16"
+    / "float16" (autocast; float16 on CUDA only), "int8" (dynamic int8 linear layers, CPU only: see
+    `int8`) or "auto" (left for the caller, who measures: see `precision_choice`).
 
     bfloat16 on a CPU that lacks native bfloat16 instructions warns once per process (see
     `bfloat16_emulation`)."""
     if dtype is None or dtype in ("float32", "fp32", torch.float32):
-        return None
-    resolved = LOW_PRECISION.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if resolved not in (torch.bfloat16, torch.float16):
-        raise InputError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    if resolved == torch.float16 and device.type != "cuda":
-        raise InputError(f"dtype float16 runs as CUDA autocast; on {device.type} use float32 or bfloat16")
-    if resolved == torch.bfloat16 and device.type == "cpu":
+        return "float32"
+    mode = MODE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else {v: k for k, v in AUTOCAST_DTYPES.items()}.get(dtype)
+    if mode not in PRECISION_MODES + ("auto",):
+        raise InputError(f"dtype must be one of {', '.join(PRECISION_MODES)} or auto, got {dtype}")
+    if mode == "float16" and device.type != "cuda":
+        raise InputError(f"dtype float16 runs as CUDA autocast; on {device.type} use float32, int8 or bfloat16")
+    if mode == "int8" and device.type != "cpu":
+        raise InputError(f"dtype int8 runs on the CPU only; on {device.type} use float32, bfloat16 or float16")
+    if mode == "bfloat16" and device.type == "cpu":
         emulated = bfloat16_emulation()
         if emulated:
             warn_slow_bfloat16(emulated)
-    return resolved
+    return mode
+
+
+def autocast_dtype_of(mode: str) -> Optional[torch.dtype]:
+    """The autocast dtype of a precision mode (bfloat16 / float16), None for float32 and int8."""
+    return AUTOCAST_DTYPES.get(mode)
 
 
 # CPU features with which bfloat16 matmuls run natively, as torch.cpu.get_capabilities() and
@@ -155,3 +167,14 @@ def autocast_weight_names(model: nn.Module) -> List[str]:
     return [f"{prefix}.{name}" if prefix else name
             for prefix, module in model.named_modules() if isinstance(module, AUTOCAST_MATMUL_LAYERS)
             for name, _ in module.named_parameters(recurse=False)]
+
+
+def convert_for_precision(model: nn.Module, mode: str) -> nn.Module:
+    """`model` (float32, in place) made ready to run in precision `mode`: the autocast modes' linear
+    and convolution weights stored in their dtype (`store_for_autocast`), int8's linear layers
+    quantised (`int8.quantize_int8`); float32 unchanged. Returns the model."""
+    if mode == "int8":
+        from .int8 import quantize_int8  # the quantised kernels load only when asked for
+
+        return quantize_int8(model)
+    return store_for_autocast(model, autocast_dtype_of(mode))

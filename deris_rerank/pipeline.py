@@ -8,6 +8,7 @@ named by `$DERIS_RERANK_WEIGHTS`, then the repository's `weights/` folder.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import warnings
@@ -30,7 +31,8 @@ from .rerank.decision import check_tau, named_rule
 from .rerank.venice import VeniceGate
 from .rerank.files import load_gate
 from .images import load_image
-from .devices import precision, resolve_device, resolve_dtype
+from .devices import autocast_dtype_of, convert_for_precision, precision, resolve_device, resolve_precision
+from .precision_choice import choose_precision
 from .model_files import DEFAULT_MODEL, default_model, resolve_deris, resolve_gate, resolve_tokenizer
 from .tokenizer import Beit3Tokenizer, TextNotes, shorten_text
 from .transforms import prepare_images
@@ -152,10 +154,13 @@ class Pipeline:
     repository, fetched into huggingface_hub's cache; needs the `hub` extra). (`model_files` says
     where files are looked for; `Pipeline.from_files` takes paths only.)
     device: "auto" picks CUDA when available; built objects are moved there. dtype: None
-    (float32), or autocast in bfloat16 (CPU or CUDA) or float16 (CUDA); the deformable sampling,
-    softmaxes and signatures stay in float32. DeRIS weights loaded from files are then stored in
-    that dtype where autocast would round them on each call (`devices.store_for_autocast`: same
-    results, less time and memory); a built `DerisModel` is used as given.
+    (float32, the default: the numbers the parity tests hold to upstream's), autocast in bfloat16
+    (CPU or CUDA) or float16 (CUDA), "int8" (dynamic int8 linear layers, CPU; see `int8`), or
+    "auto" (the fastest of these on this machine, measured once: see `precision_choice`; the mode
+    chosen is `pipe.precision`). The deformable sampling, softmaxes and signatures stay in
+    float32. DeRIS weights loaded from files are then stored in that dtype where autocast would
+    round them on each call (`devices.store_for_autocast`: same results, less time and memory); a
+    built `DerisModel` is used as given under autocast, and quantised on a copy for int8.
     operating_point: one of the re-ranker's stored operating points instead of its own rule
     (the calibrated re-ranker stores "tuned", its rule, and "conservative": fewer switches, at
     most ~1 % harmful on its tuning split); tau then overrides the threshold.
@@ -180,7 +185,8 @@ class Pipeline:
     ):
         check_settings(tau=tau, batch_semantics=batch_semantics, query_source=query_source)
         self.device = resolve_device(device)
-        self.autocast_dtype = resolve_dtype(dtype, self.device)
+        self.precision = resolve_precision(dtype, self.device)
+        self.precision_times: Dict[str, float] = {}
         self.batch_semantics = batch_semantics
         self.query_source = query_source
         if isinstance(deris, DerisModel):
@@ -188,7 +194,14 @@ class Pipeline:
             self.model = deris.to(self.device).eval()
         else:
             self.deris_path = resolve_deris(default_model() if deris is None else deris)
-            self.model = load_deris(self.deris_path, device=self.device, autocast_dtype=self.autocast_dtype)
+            self.model = load_deris(self.deris_path, device=self.device, autocast_dtype=autocast_dtype_of(self.precision))
+        if self.precision == "auto":  # measured on the float32 model, then converted as an explicit choice is
+            self.precision, self.precision_times = choose_precision(self.model, self.device)
+            if self.deris_path is not None and self.precision != "int8":
+                convert_for_precision(self.model, self.precision)
+        if self.precision == "int8":  # a built model is quantised on a copy: the caller's stays as it was
+            self.model = convert_for_precision(self.model if self.deris_path else copy.deepcopy(self.model), "int8")
+        self.autocast_dtype = autocast_dtype_of(self.precision)
         self.config = self.model.config
         if isinstance(tokenizer, Beit3Tokenizer):
             self.tokenizer_path, self.tokenizer = tokenizer.path, tokenizer

@@ -68,7 +68,7 @@ def pipeline_identity(pipe) -> Dict[str, Any]:
         "tokenizer_sha256": pipe.tokenizer.sha256,
         "gate": gate,
         "answer": pipe.answer,
-        "dtype": str(pipe.autocast_dtype or "float32").replace("torch.", ""),
+        "dtype": pipe.precision,
         "batch_semantics": pipe.batch_semantics,
         "query_source": pipe.query_source,
         "paths": {

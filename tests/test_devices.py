@@ -37,14 +37,14 @@ def slow_dtype_warnings(record):
 def test_bfloat16_on_a_cpu_without_native_bfloat16_warns_once_with_cost_and_advice(cpu_with):
     cpu_with(AVX2_ONLY)
     with pytest.warns(SlowDtypeWarning) as record:
-        assert devices.resolve_dtype("bfloat16", CPU) == torch.bfloat16  # still honoured: the user asked
+        assert devices.resolve_precision("bfloat16", CPU) == "bfloat16"  # still honoured: the user asked
     (message,) = [str(w.message) for w in slow_dtype_warnings(record)]
     assert "no native bfloat16 instructions" in message and "20-30x slower than float32" in message
     assert "use float32" in message and "AVX-512 BF16 or AMX" in message
     with warnings.catch_warnings(record=True) as again:
         warnings.simplefilter("always")
-        devices.resolve_dtype("bfloat16", CPU)
-        devices.resolve_dtype(torch.bfloat16, CPU)
+        devices.resolve_precision("bfloat16", CPU)
+        devices.resolve_precision(torch.bfloat16, CPU)
     assert slow_dtype_warnings(again) == []
 
 
@@ -53,7 +53,7 @@ def test_no_warning_where_bfloat16_is_native(cpu_with, features):
     cpu_with(features)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SlowDtypeWarning)
-        assert devices.resolve_dtype("bfloat16", CPU) == torch.bfloat16
+        assert devices.resolve_precision("bfloat16", CPU) == "bfloat16"
     assert devices.bfloat16_emulation() is None
 
 
@@ -61,9 +61,11 @@ def test_no_warning_for_float32_or_on_cuda(cpu_with):
     cpu_with(AVX2_ONLY)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SlowDtypeWarning)
-        assert devices.resolve_dtype("float32", CPU) is None
-        assert devices.resolve_dtype(None, CPU) is None
-        assert devices.resolve_dtype("bfloat16", torch.device("cuda")) == torch.bfloat16
+        assert devices.resolve_precision("float32", CPU) == "float32"
+        assert devices.resolve_precision(None, CPU) == "float32"
+        assert devices.resolve_precision("bfloat16", torch.device("cuda")) == "bfloat16"
+        assert devices.resolve_precision("int8", CPU) == "int8"
+        assert devices.resolve_precision("auto", CPU) == "auto"
 
 
 def test_onednn_isa_limit_counts_and_aten_capability_does_not(cpu_with, monkeypatch):
@@ -108,9 +110,11 @@ def test_nothing_picks_bfloat16_on_a_cpu_without_it(cpu_with, tiny_model_dir):
     assert {"segment", "batch", "app", "extract"} <= set(defaults)
     assert set(defaults.values()) == {"float32"}
     assert PipelineSpec().dtype is None
+    assert devices.autocast_dtype_of(devices.resolve_precision(None, CPU)) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error", SlowDtypeWarning)
-        assert Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu").autocast_dtype is None
+        plain = Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu")
+    assert plain.precision == "float32" and plain.autocast_dtype is None
 
 
 def test_cli_says_once_that_bfloat16_is_slow_here(cpu_with, tiny_model_dir, tmp_path, capsys):
@@ -125,3 +129,17 @@ def test_cli_says_once_that_bfloat16_is_slow_here(cpu_with, tiny_model_dir, tmp_
     assert code == 0
     slow = [line for line in capsys.readouterr().err.splitlines() if "bfloat16 is slow here" in line]
     assert len(slow) == 1 and slow[0].startswith("deris-rerank: warning:") and "use float32" in slow[0]
+
+
+@pytest.mark.parametrize("dtype, device, advice", [
+    ("float16", "cpu", "float16 runs as CUDA autocast; on cpu use float32, int8 or bfloat16"),
+    ("int8", "cuda", "int8 runs on the CPU only; on cuda use float32, bfloat16 or float16"),
+    ("int4", "cpu", "dtype must be one of float32, bfloat16, float16, int8 or auto, got int4"),
+    (torch.float64, "cpu", "dtype must be one of float32, bfloat16, float16, int8 or auto, got torch.float64"),
+])
+def test_a_precision_that_cannot_run_there_is_one_line_naming_what_can(dtype, device, advice):
+    from deris_rerank.errors import InputError
+
+    with pytest.raises(InputError) as raised:
+        devices.resolve_precision(dtype, torch.device(device))
+    assert str(raised.value) == (advice if advice.startswith("dtype") else f"dtype {advice}")

@@ -2,7 +2,7 @@
 
 Each subcommand is a small function over the library API, in the module of its group: segment.py
 (segment, batch), app.py, workflow.py (extract, train-gate, add-memory, retune, evaluate),
-training.py (train-deris, pretrain-perception), data.py (refshapes), convert.py (convert, convert-gate); options.py
+training.py (train-deris, pretrain-perception), data.py (refshapes), convert.py (convert, convert-gate), doctor.py; options.py
 holds the options several commands share. Mistakes a user can fix (`DerisRerankError`) are printed
 as one line on stderr with exit code 2, no traceback.
 """
@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from ..errors import DerisRerankError
 from ..version import __version__
-from . import app, convert, data, segment, training, workflow
+from . import app, convert, data, doctor, segment, training, workflow
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for group in (segment, app, workflow, training, data, convert):
+    for group in (segment, app, workflow, training, data, convert, doctor):
         group.add_commands(commands)
     return parser
 

@@ -26,10 +26,11 @@ def add_device_dtype(parser, dtype: bool = True) -> None:
     """--device (and --dtype) of every command that runs a model."""
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     if dtype:
-        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                            help="float32 (default), or autocast in bfloat16 (CUDA or CPU) or float16 (CUDA): slightly "
-                            "different numbers, faster on CUDA and on CPUs with AVX-512 BF16 or AMX, but 20-30x slower "
-                            "on other CPUs (a warning says so)")
+        parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "int8", "auto"],
+                            help="float32 (default: upstream's numbers), int8 (CPU: int8 linear layers), autocast in "
+                            "bfloat16 (CUDA or CPU) or float16 (CUDA), or auto (the fastest of these here, measured "
+                            "once): slightly different numbers (docs/speed.md); bfloat16 is 20-30x slower on CPUs "
+                            "without AVX-512 BF16 or AMX (a warning says so)")
 
 
 def add_refshapes_flags(parser, preset: bool = False, mode: bool = True) -> None:

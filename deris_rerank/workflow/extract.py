@@ -209,7 +209,7 @@ def extract_provenance(pipe: Pipeline, protocol: str, source: Optional[dict]) ->
         "checkpoint_sha256": model_sha256(pipe),
         "config": pipe.config.to_dict(),
         "tokenizer_sha256": pipe.tokenizer.sha256,
-        "dtype": str(pipe.autocast_dtype or "float32").replace("torch.", ""),
+        "dtype": pipe.precision,
         "package_version": __version__,
         "iou_protocol": protocol,
         "set_mask_size": SET_MASK_SIZE,
