@@ -36,9 +36,11 @@ setup(
         "app": ["gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
         # hf://OWNER/REPO/PATH model paths (deris_rerank/model_files.py): tested with huggingface_hub 2.4.0
         "hub": ["huggingface_hub>=0.20"],
+        # --runtime onnxruntime and `deris-rerank export-onnx` (deris_rerank/onnx_*.py): tested with onnx 1.23.2, onnxruntime 1.32.0
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         "test": ["pytest>=7", "pycocotools>=2.0.6", "matplotlib>=3.6", "ray[data]>=2.60",
                  "gradio>=6", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9", "httpx>=0.24",
-                 "huggingface_hub>=0.20",
+                 "huggingface_hub>=0.20", "onnx>=1.16", "onnxruntime>=1.18",
                  # tests/test_install.py builds the wheel without build isolation (no downloads), so the
                  # environment needs setuptools itself; Python >= 3.12's venvs come without it
                  "setuptools>=70.1",

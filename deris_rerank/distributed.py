@@ -74,6 +74,7 @@ class PipelineSpec:
     answer: Optional[str] = None
     batch_semantics: str = "per_sample"
     query_source: str = "perception"
+    runtime: str = "torch"
 
     def resolved(self) -> "PipelineSpec":
         """This spec with every existing path made absolute (preset names are left as they are)."""

@@ -32,6 +32,7 @@ from .rerank.venice import VeniceGate
 from .rerank.files import load_gate
 from .images import load_image
 from .devices import autocast_dtype_of, convert_for_precision, precision, resolve_device, resolve_precision
+from .onnx_export import is_onnx_export
 from .precision_choice import choose_precision
 from .model_files import DEFAULT_MODEL, default_model, resolve_deris, resolve_gate, resolve_tokenizer
 from .tokenizer import Beit3Tokenizer, TextNotes, shorten_text
@@ -161,6 +162,9 @@ class Pipeline:
     float32. DeRIS weights loaded from files are then stored in that dtype where autocast would
     round them on each call (`devices.store_for_autocast`: same results, less time and memory); a
     built `DerisModel` is used as given under autocast, and quantised on a copy for int8.
+    runtime: "torch" (default) or "onnxruntime": DeRIS from a folder written by `deris-rerank
+    export-onnx` (`deris`; float32, per-sample batch semantics; needs the `onnx` extra), run by
+    onnxruntime (`onnx_runtime.OnnxDeris`); the re-ranker stays in torch.
     operating_point: one of the re-ranker's stored operating points instead of its own rule
     (the calibrated re-ranker stores "tuned", its rule, and "conservative": fewer switches, at
     most ~1 % harmful on its tuning split); tau then overrides the threshold.
@@ -182,6 +186,7 @@ class Pipeline:
         query_source: str = "perception",
         operating_point: Optional[str] = None,
         answer: Optional[str] = None,
+        runtime: str = "torch",
     ):
         check_settings(tau=tau, batch_semantics=batch_semantics, query_source=query_source)
         self.device = resolve_device(device)
@@ -189,11 +194,22 @@ class Pipeline:
         self.precision_times: Dict[str, float] = {}
         self.batch_semantics = batch_semantics
         self.query_source = query_source
-        if isinstance(deris, DerisModel):
+        self.runtime = check_runtime(runtime, deris, self.precision, batch_semantics)
+        if runtime == "onnxruntime":
+            self.deris_path = resolve_deris(deris)
+            if not is_onnx_export(self.deris_path):
+                raise InputError(f"runtime onnxruntime runs a folder written by `deris-rerank export-onnx`; {self.deris_path} "
+                                 "is not one (export it: deris-rerank export-onnx MODEL OUT)")
+            from .onnx_runtime import OnnxDeris  # onnxruntime loads only when asked for
+
+            self.model = OnnxDeris(self.deris_path, self.device)
+        elif isinstance(deris, DerisModel):
             self.deris_path: Optional[Path] = None
             self.model = deris.to(self.device).eval()
         else:
             self.deris_path = resolve_deris(default_model() if deris is None else deris)
+            if is_onnx_export(self.deris_path):
+                raise InputError(f"{self.deris_path} is an ONNX export: run it with runtime=\"onnxruntime\" (--runtime onnxruntime)")
             self.model = load_deris(self.deris_path, device=self.device, autocast_dtype=autocast_dtype_of(self.precision))
         if self.precision == "auto":  # measured on the float32 model, then converted as an explicit choice is
             self.precision, self.precision_times = choose_precision(self.model, self.device)
@@ -470,3 +486,20 @@ def _chunk_groups(groups: List[List[int]], batch_size: int) -> List[List[List[in
     if current:
         chunks.append(current)
     return chunks
+
+
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def check_runtime(runtime: str, deris: Any, precision_mode: str, batch_semantics: str) -> str:
+    """`runtime`, or InputError where it cannot run with these settings."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"runtime must be torch or onnxruntime, got {runtime!r}")
+    if runtime == "onnxruntime":
+        if deris is None or isinstance(deris, DerisModel):
+            raise InputError("runtime onnxruntime runs an exported folder: deris-rerank export-onnx MODEL OUT, then pass OUT")
+        if precision_mode != "float32":
+            raise InputError(f"runtime onnxruntime runs float32 exports; dtype {precision_mode} is for the torch runtime")
+        if batch_semantics != "per_sample":
+            raise InputError("runtime onnxruntime runs per-sample batch semantics only")
+    return runtime

@@ -43,6 +43,8 @@ def model_sha256(pipe) -> str:
     """sha256 of a pipeline's DeRIS weights: its checkpoint's, or its in-memory weights'."""
     from .checkpoints import checkpoint_sha256
 
+    if pipe.runtime == "onnxruntime":
+        return hashlib.sha256(pipe.model.sha256.encode()).hexdigest()  # of the two graphs' recorded sha256s
     return checkpoint_sha256(pipe.deris_path) if pipe.deris_path else state_dict_sha256(pipe.model)
 
 
@@ -50,8 +52,9 @@ def pipeline_identity(pipe) -> Dict[str, Any]:
     """The identity of results made by `pipe` (a `Pipeline`): a JSON-able dict.
 
     Keys: package_version, model {name, sha256, config_sha256}, tokenizer_sha256, gate (None or
-    {sha256, rule, and a set re-ranker's set_rule}), answer ("single" or "set"), dtype,
-    batch_semantics, query_source; and, not compared, paths and device.
+    {sha256, rule, and a set re-ranker's set_rule}), answer ("single" or "set"), dtype (the
+    precision mode), runtime (only when not torch), batch_semantics, query_source; and, not
+    compared, paths and device.
     """
     gate = None
     if pipe.gate is not None:
@@ -69,6 +72,7 @@ def pipeline_identity(pipe) -> Dict[str, Any]:
         "gate": gate,
         "answer": pipe.answer,
         "dtype": pipe.precision,
+        **({"runtime": pipe.runtime} if pipe.runtime != "torch" else {}),  # torch: as identities made before runtimes
         "batch_semantics": pipe.batch_semantics,
         "query_source": pipe.query_source,
         "paths": {

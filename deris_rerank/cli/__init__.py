@@ -2,7 +2,7 @@
 
 Each subcommand is a small function over the library API, in the module of its group: segment.py
 (segment, batch), app.py, workflow.py (extract, train-gate, add-memory, retune, evaluate),
-training.py (train-deris, pretrain-perception), data.py (refshapes), convert.py (convert, convert-gate), doctor.py; options.py
+training.py (train-deris, pretrain-perception), data.py (refshapes), convert.py (convert, convert-gate, export-onnx), doctor.py; options.py
 holds the options several commands share. Mistakes a user can fix (`DerisRerankError`) are printed
 as one line on stderr with exit code 2, no traceback.
 """

@@ -31,6 +31,9 @@ def add_device_dtype(parser, dtype: bool = True) -> None:
                             "bfloat16 (CUDA or CPU) or float16 (CUDA), or auto (the fastest of these here, measured "
                             "once): slightly different numbers (docs/speed.md); bfloat16 is 20-30x slower on CPUs "
                             "without AVX-512 BF16 or AMX (a warning says so)")
+        parser.add_argument("--runtime", default="torch", choices=["torch", "onnxruntime"],
+                            help="torch (default), or onnxruntime for a --deris folder written by `deris-rerank "
+                            "export-onnx` (float32; needs the onnx extra)")
 
 
 def add_refshapes_flags(parser, preset: bool = False, mode: bool = True) -> None:
@@ -122,7 +125,8 @@ def ray_settings(args: argparse.Namespace, **pipeline):
     from ..distributed import PipelineSpec, Resources, require_ray
 
     require_ray()
-    spec = PipelineSpec(deris=args.deris, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, **pipeline)
+    spec = PipelineSpec(deris=args.deris, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+                        runtime=args.runtime, **pipeline)
     return spec, Resources(address=args.address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
                            cpus_per_replica=args.cpus_per_replica)
 
@@ -132,7 +136,7 @@ def pipeline_from_args(args: argparse.Namespace):
 
     gate = False if args.no_gate else args.gate
     return Pipeline(deris=args.deris, gate=gate, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, tau=args.tau,
-                    operating_point=args.operating_point, answer=args.answer)
+                    operating_point=args.operating_point, answer=args.answer, runtime=args.runtime)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, settings_class, skip=(), **special) -> None:

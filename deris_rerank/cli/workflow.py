@@ -138,7 +138,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 counts = run_extract(samples, Path(args.out), spec, resources, **settings)
             else:
                 pipe = Pipeline(deris=args.deris, gate=False, tokenizer=args.tokenizer, device=args.device,
-                                dtype=args.dtype, query_source=args.query_source, batch_semantics=args.batch_semantics)
+                                dtype=args.dtype, query_source=args.query_source, batch_semantics=args.batch_semantics,
+                                runtime=args.runtime)
         if args.engine != "ray":
             counts = extract_split(pipe, samples, Path(args.out), **settings)
     print(json.dumps({"split": args.split, **counts}))
