@@ -3,6 +3,7 @@ with peak memory and agreement.
 
     python bench/deris_speed.py --preset deris-l-refcoco --batch 1 8
     python bench/deris_speed.py --preset deris-l-refcoco --batch 1 --dtypes float32 int8 bfloat16 --repeats 5
+    python bench/deris_speed.py --preset deris-l-refcoco --batch 1 --dtypes float32 int8 onnxruntime onnxruntime-int8
     python bench/deris_speed.py --preset deris-b-refcoco --device cuda --dtypes float32 bfloat16
 
 Stages: preprocess (cv2 decode + both resizes + normalise, per image), swin, pixel_decoder,
@@ -10,7 +11,10 @@ beit3 (incl. projections), decoder (4 loopback rounds), aligner, upsample (strid
 and postprocess (DeRIS's own answer mask at the original size). The model is float32; each
 dtype after the first runs as the pipeline runs it, on a copy of the model
 (`devices.convert_for_precision`: autocast with linear/conv weights stored in that dtype, or int8
-linear layers), and the dtypes alternate call by call so that all see the same machine state.
+linear layers; onnxruntime: the model exported by `onnx_export.export_onnx` into a temporary
+folder and run by `OnnxDeris`, its stages image_encoder and expression; onnxruntime-int8: that
+export through onnxruntime's own dynamic int8 quantisation, `quantize_dynamic` with QInt8
+weights), and the dtypes alternate call by call so that all see the same machine state.
 Prints, per batch size and dtype, the median (min, max) ms per pair, each stage's median and the
 ratio to the first dtype, and for every further dtype its agreement with the first over
 --agreement-inputs random pairs (random image and tokens each): the share of mask pixels
@@ -43,7 +47,9 @@ from deris_rerank.images import load_image
 from deris_rerank.timing import StageTimer
 from deris_rerank.transforms import prepare_images, resize_mask_nearest
 
-STAGES = ("preprocess", "swin", "pixel_decoder", "beit3", "decoder", "aligner", "upsample", "postprocess")
+STAGES = ("preprocess", "swin", "pixel_decoder", "image_encoder", "beit3", "decoder", "aligner", "expression", "upsample",
+          "postprocess")
+ONNX_MODES = ("onnxruntime", "onnxruntime-int8")
 
 
 def peak_rss_gib() -> float:
@@ -51,7 +57,10 @@ def peak_rss_gib() -> float:
 
 
 def weights_gib(model: torch.nn.Module) -> float:
-    """The model's stored weights, GiB: parameters, buffers and int8 layers' packed weights and biases."""
+    """The model's stored weights, GiB: parameters, buffers and int8 layers' packed weights and biases
+    (an OnnxDeris: its graph files)."""
+    if not isinstance(model, torch.nn.Module):
+        return sum(f.stat().st_size for f in model.folder.glob("*.onnx*")) / 2**30
     def nbytes(value) -> int:
         if isinstance(value, torch.Tensor):
             return value.numel() * value.element_size()
@@ -101,13 +110,40 @@ def agreement(models, reference_mode, mode, config, device, inputs: int) -> dict
             "same_top_candidate": float(np.mean(same_top))}
 
 
+def onnx_model(model, mode: str, device, build: dict):
+    """`model` exported to ONNX in a temporary folder (and for onnxruntime-int8 quantised there), as
+    an OnnxDeris; the export's seconds go into `build`."""
+    import tempfile
+
+    from deris_rerank.onnx_export import EXPRESSION_FILE, IMAGE_ENCODER_FILE, export_onnx
+    from deris_rerank.onnx_runtime import OnnxDeris
+
+    folder = Path(tempfile.mkdtemp(prefix="deris_bench_onnx_")) / "model"
+    began = time.perf_counter()
+    export_onnx(model, folder)
+    build["onnx_export_seconds"] = time.perf_counter() - began
+    if mode == "onnxruntime-int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        sidecar = json.loads((folder / "config.json").read_text())
+        for name in (IMAGE_ENCODER_FILE, EXPRESSION_FILE):
+            quantize_dynamic(str(folder / name), str(folder / f"int8-{name}"), weight_type=QuantType.QInt8)
+            (folder / f"int8-{name}").replace(folder / name)
+        sidecar["sha256"] = {}  # the quantised files are not the checked export
+        (folder / "config.json").write_text(json.dumps(sidecar))
+    began = time.perf_counter()
+    runner = OnnxDeris(folder, device)
+    build[f"{mode}_session_seconds"] = time.perf_counter() - began
+    return runner
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="deris-l-refcoco")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per dtype and batch size")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16", "int8"],
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16", "int8", *ONNX_MODES],
                         help="the first is the reference; the others run as the pipeline runs them")
     parser.add_argument("--agreement-inputs", type=int, default=20, help="random pairs each mode's agreement is measured on")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -116,7 +152,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    autocast = {name: autocast_dtype_of(resolve_precision(name, device)) for name in args.dtypes}
+    autocast = {name: None if name in ONNX_MODES else autocast_dtype_of(resolve_precision(name, device)) for name in args.dtypes}
     config = DerisConfig.preset(args.preset)
 
     rss_before = peak_rss_gib()
@@ -130,7 +166,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     cv2.imwrite(str(image_path), rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
     # as the pipeline runs them: each other mode on a converted copy
-    models = {name: model if name == "float32" else convert_for_precision(copy.deepcopy(model), name) for name in args.dtypes}
+    models = {name: model if name == "float32" else onnx_model(model, name, device, build) if name in ONNX_MODES
+              else convert_for_precision(copy.deepcopy(model), name) for name in args.dtypes}
 
     results = []
     with torch.inference_mode():

@@ -120,3 +120,23 @@ def test_export_refuses_an_int8_model(tmp_path):
 
     with pytest.raises(InputError, match="export-onnx takes a float32 model"):
         onnx_export.export_onnx(quantize_int8(build_tiny_model()), tmp_path / "out")
+
+
+def test_swin_windows_that_need_padding_export_right(tmp_path):
+    """DeRIS-B's Swin-S has 7-token windows on a 96-token map: the padded size (98) must be rounded
+    up in the traced graph too (a negative floor division traced to truncation gave 91)."""
+    from deris_rerank.deris.config import SwinConfig
+    from deris_rerank.deris.swin import SwinBackbone
+    from deris_rerank.onnx_runtime import session
+
+    torch.manual_seed(0)
+    swin = SwinBackbone(SwinConfig(embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=7)).eval()
+    image = torch.randn(1, 3, 100, 92)  # 25 x 23 tokens: padded to 28 x 28, then 13 x 12 -> 14 x 14
+    path = tmp_path / "swin.onnx"
+    with torch.inference_mode(), pytest.warns(torch.jit.TracerWarning):
+        torch.onnx.export(swin, (image,), str(path), dynamo=False, opset_version=onnx_export.OPSET)
+        want = swin(image)
+    got = session(path, CPU).run(None, {session(path, CPU).get_inputs()[0].name: image.numpy()})
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == tuple(w.shape) and np.abs(g - w.numpy()).max() < 1e-4

@@ -73,8 +73,9 @@ class WindowLayout:
 
     def __init__(self, height: int, width: int, window_size: int, shift_size: int, device, dtype):
         self.height, self.width = height, width
-        self.padded_height = -(-height // window_size) * window_size
-        self.padded_width = -(-width // window_size) * window_size
+        # rounded up with non-negative operands only: an ONNX trace divides negative sizes truncating
+        self.padded_height = (height + window_size - 1) // window_size * window_size
+        self.padded_width = (width + window_size - 1) // window_size * window_size
         self.window_size = window_size
         self.num_windows = (self.padded_height // window_size) * (self.padded_width // window_size)
         self.token_order = {}
@@ -115,7 +116,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         height, width = image.shape[-2:]
-        pad_bottom, pad_right = -height % self.patch_size, -width % self.patch_size
+        patch = self.patch_size
+        pad_bottom, pad_right = (patch - height % patch) % patch, (patch - width % patch) % patch  # see WindowLayout
         if pad_bottom or pad_right:
             image = F.pad(image, (0, pad_right, 0, pad_bottom))
         return self.norm(self.proj(image).permute(0, 2, 3, 1))
