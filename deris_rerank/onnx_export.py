@@ -11,7 +11,8 @@
                                 -> mask_logits_stride4 [B, N, S/4, S/4], refer_logits [B, N, 2],
                                 boxes [B, N, 4], existence_logit [B, 1], query_embed [B, N, C],
                                 cognition_embed [B, N, C], text_feat [B, T, C]
-    folder/config.json          the DeRIS config, each graph's sha256 and what the export checked
+    folder/config.json          the DeRIS config, each file's sha256 and what the export checked
+    folder/*.onnx.data          a graph's weights, where it would pass protobuf's 2 GiB (DeRIS-L)
 
 with B dynamic and every other size fixed by the config, as in `DerisModel` (images are resized to
 S x S before the model; texts padded to T). The loopback decoder runs with per-sample batch
@@ -25,6 +26,7 @@ Swin's window attention in torch 2.13 (a reshape its decompositions cannot view)
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -45,6 +47,7 @@ EXPRESSION_OUTPUTS = ("mask_logits_stride4", "refer_logits", "boxes", "existence
 # largest difference to PyTorch accepted at export, on logits and embeddings of magnitude ~1-10
 # (measured: 4e-6 on the test-sized model's mask logits)
 EXPORT_TOLERANCE = 1e-3
+LARGE_GRAPH_BYTES = 2**31 - 2**27  # above this a graph's weights go into a .data file beside it
 
 
 def import_onnx():
@@ -114,14 +117,18 @@ def export_onnx(model: nn.Module, folder, opset: int = OPSET) -> Path:
     expression_args = (pair["image_lo"], pair["tokens"], pair["padding_mask"], *features)
     image_names = (["image_hi"], ["mask_features", *levels])
     expression_names = (["image_lo", "tokens", "padding_mask", "mask_features", *levels], list(EXPRESSION_OUTPUTS))
+    files: List[str] = []
     for graph, args, (inputs, outputs), name in (
         (ImageEncoderGraph(model), image_args, image_names, IMAGE_ENCODER_FILE),
         (ExpressionGraph(model), expression_args, expression_names, EXPRESSION_FILE),
     ):
-        with warnings.catch_warnings():  # the tracer's notes on Python ints from fixed sizes (all fixed by the config)
-            warnings.simplefilter("ignore")
-            torch.onnx.export(graph, args, str(folder / name), dynamo=False, opset_version=opset, input_names=inputs,
-                              output_names=outputs, dynamic_axes={n: {0: "batch"} for n in inputs + outputs})
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:  # a large graph's external files stay apart
+            with warnings.catch_warnings():  # the tracer's notes on Python ints from fixed sizes (all fixed by the config)
+                warnings.simplefilter("ignore")
+                torch.onnx.export(graph, args, f"{scratch}/{name}", dynamo=False, opset_version=opset, input_names=inputs,
+                                  output_names=outputs, dynamic_axes={n: {0: "batch"} for n in inputs + outputs})
+            proto = onnx.load(f"{scratch}/{name}")
+        files += save_graph(onnx, proto, folder, name)
         onnx.checker.check_model(str(folder / name))
     checked = compare_with_torch(model, folder, image_args, expression_args)
     worst = max(checked.values())
@@ -131,10 +138,21 @@ def export_onnx(model: nn.Module, folder, opset: int = OPSET) -> Path:
         "format": ONNX_FORMAT_NAME, "format_version": ONNX_FORMAT_VERSION, "config": model.config.to_dict(),
         "opset": opset, "levels": len(levels), "torch": torch.__version__, "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__, "max_abs_diff_to_torch": checked,
-        "sha256": {name: file_sha256(folder / name) for name in (IMAGE_ENCODER_FILE, EXPRESSION_FILE)},
+        "sha256": {name: file_sha256(folder / name) for name in files},
     }
     atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     return folder
+
+
+def save_graph(onnx, proto, folder: Path, name: str) -> List[str]:
+    """Write `proto` as folder/name, its weights in folder/name.data where the graph would pass
+    LARGE_GRAPH_BYTES (protobuf cannot hold 2 GiB: DeRIS-L's expression part); returns the files."""
+    if proto.ByteSize() <= LARGE_GRAPH_BYTES:
+        onnx.save_model(proto, str(folder / name))
+        return [name]
+    onnx.save_model(proto, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{name}.data", size_threshold=1024)
+    return [name, f"{name}.data"]
 
 
 def compare_with_torch(model: nn.Module, folder: Path, image_args, expression_args) -> Dict[str, float]:

@@ -140,3 +140,18 @@ def test_swin_windows_that_need_padding_export_right(tmp_path):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         assert g.shape == tuple(w.shape) and np.abs(g - w.numpy()).max() < 1e-4
+
+
+def test_a_graph_too_large_for_protobuf_keeps_its_weights_beside_it(monkeypatch, tmp_path):
+    """DeRIS-L's expression part passes 2 GiB; forced here on the test-sized model."""
+    monkeypatch.setattr(onnx_export, "LARGE_GRAPH_BYTES", 0)
+    folder = onnx_export.export_onnx(build_tiny_model(), tmp_path / "large")
+    sidecar = json.loads((folder / "config.json").read_text())
+    assert set(sidecar["sha256"]) == {"image_encoder.onnx", "image_encoder.onnx.data", "expression.onnx", "expression.onnx.data"}
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*sidecar["sha256"], "config.json"])
+    assert (folder / "expression.onnx").stat().st_size < (folder / "expression.onnx.data").stat().st_size
+    model, runner = build_tiny_model(), OnnxDeris(folder, CPU)
+    pair = synthetic_pair(model.config, CPU)
+    with torch.inference_mode():
+        want = model(**pair)
+    assert torch.allclose(runner(**pair).scores, want.scores, rtol=0, atol=1e-4)
