@@ -147,7 +147,8 @@ def export_onnx(model: nn.Module, folder, opset: int = OPSET) -> Path:
 def save_graph(onnx, proto, folder: Path, name: str) -> List[str]:
     """Write `proto` as folder/name, its weights in folder/name.data where the graph would pass
     LARGE_GRAPH_BYTES (protobuf cannot hold 2 GiB: DeRIS-L's expression part); returns the files."""
-    if proto.ByteSize() <= LARGE_GRAPH_BYTES:
+    weights = sum(tensor.ByteSize() for tensor in proto.graph.initializer)  # the whole proto may not serialise
+    if weights <= LARGE_GRAPH_BYTES:
         onnx.save_model(proto, str(folder / name))
         return [name]
     onnx.save_model(proto, str(folder / name), save_as_external_data=True, all_tensors_to_one_file=True,
