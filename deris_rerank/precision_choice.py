@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .int8 import available_engines
+from .fileio import atomic_write
 from .devices import autocast_dtype_of, bfloat16_emulation, convert_for_precision, precision
 
 MIN_GAIN = 1.1  # float32 time / a mode's time needed to choose it over float32
@@ -130,8 +131,6 @@ def _write(path: Path, choices: Dict[str, Dict[str, float]]) -> None:
     """Best effort: a cache that cannot be written only means measuring again next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(choices, indent=1))
-        os.replace(temporary, path)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(choices, indent=1)))
     except OSError:
         pass
