@@ -96,6 +96,26 @@ def test_deform_sample_matches_explicit_bilinear_interpolation():
     assert (ours - expected).abs().max() <= 1e-12
 
 
+def points_last_deform_sample(value, spatial_shapes, locations, weights):
+    """The plain formulation: each level sampled as [Lq, P] per head, then weighted and summed over P."""
+    batch, _, heads, head_dim = value.shape
+    levels = value.split([h * w for h, w in spatial_shapes], dim=1)
+    output = 0
+    for level, (h, w) in enumerate(spatial_shapes):
+        level_value = levels[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
+        grid = (2 * locations[:, :, :, level] - 1).transpose(1, 2).flatten(0, 1)
+        sampled = torch.nn.functional.grid_sample(level_value, grid, align_corners=False)  # [N*M, D, Lq, P]
+        output = output + (sampled * weights[:, :, :, level].transpose(1, 2).flatten(0, 1)[:, None]).sum(-1)
+    return output.view(batch, heads * head_dim, -1).transpose(1, 2)
+
+
+def test_deform_sample_in_float32_has_the_bits_of_the_points_last_formulation():
+    """The [P, Lq] sampling layout (a speed-up) adds the same products in the same order."""
+    value, shapes, locations, weights = random_sampling_problem(torch.float32)
+    ours = ms_deform_attn_sample(value, shapes, locations, weights)
+    assert torch.equal(ours, points_last_deform_sample(value, shapes, locations, weights))
+
+
 def test_deform_sample_outside_every_map_is_zero():
     value, shapes, locations, weights = random_sampling_problem()
     out = ms_deform_attn_sample(value, shapes, torch.full_like(locations, -0.75), weights)

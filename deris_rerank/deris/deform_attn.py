@@ -51,15 +51,23 @@ def ms_deform_attn_sample(
     grids = 2 * sampling_locations.to(work) - 1  # grid_sample wants [-1, 1]
     weights = attention_weights.to(work)
 
+    # Each level's points are sampled as a [P, Lq] "image" per head (not [Lq, P]): grid_sample's CPU
+    # kernel vectorises along the output's last axis, and the weighted sum over points then adds
+    # whole [D, Lq] rows. In float32 the result is bit for bit that of sampling [Lq, P] and summing
+    # the last axis (the points are added in the same order), and about 2x faster on an AVX2 CPU
+    # (docs/speed.md, "pixel decoder").
     output = value.new_zeros((batch * heads, head_dim, num_queries), dtype=work)
     for level, (h, w) in enumerate(spatial_shapes):
         level_value = levels[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, h, w)
-        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P, 2]
+        level_grid = grids[:, :, :, level].permute(0, 2, 3, 1, 4).flatten(0, 1)  # [N*M, P, Lq, 2]
         sampled = F.grid_sample(
             level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )  # [N*M, D, Lq, P]
-        level_weights = weights[:, :, :, level].transpose(1, 2).flatten(0, 1)  # [N*M, Lq, P]
-        output += sampled.mul_(level_weights[:, None]).sum(-1)  # in place: no second [N*M, D, Lq, P] tensor
+        )  # [N*M, D, P, Lq]
+        level_weights = weights[:, :, :, level].permute(0, 2, 3, 1).flatten(0, 1)  # [N*M, P, Lq]
+        level_sum = sampled[:, :, 0] * level_weights[:, None, 0]
+        for point in range(1, sampled.shape[2]):  # P (4) row additions: 3x faster than mul + sum(2)
+            level_sum += sampled[:, :, point] * level_weights[:, None, point]
+        output += level_sum
     output = output.view(batch, heads * head_dim, num_queries).transpose(1, 2)
     return output.to(value.dtype)
 
