@@ -25,7 +25,6 @@ import torch
 
 from deris_rerank import Pipeline
 from deris_rerank.data.refshapes.dataset import RefShapes
-from deris_rerank.deris.config import DerisConfig
 from deris_rerank.model_files import DEFAULT_MODEL, resolve_deris, resolve_gate, resolve_tokenizer
 from deris_rerank.onnx_export import export_onnx
 from deris_rerank.checkpoints import load_deris

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from deris_rerank.data import RefShapes
-from deris_rerank.rerank.decision import apply_rule, apply_set_rule
 from deris_rerank.rerank.files import load_gate
-from deris_rerank.rerank.gate_data import load_gate_data, set_outputs
+from deris_rerank.rerank.gate_data import load_gate_data
+from deris_rerank.workflow.set_evaluation import answers_of
 from deris_rerank.workflow.set_metrics import answer_ious
 from deris_rerank.workflow.train_calibrated import deris_score_threshold
 
@@ -33,14 +33,6 @@ def no_target_kind(scene, query) -> str:
     differing = min(([name for name, value in query.descriptor.named() if getattr(obj, name) != value]
                      for obj in scene.objects), key=len)
     return "attribute: " + ", ".join(differing)
-
-
-def gate_answers(gate_path: str, data) -> np.ndarray:
-    """bool [P, N]: a set re-ranker's answers on the cache's pairs."""
-    gate = load_gate(gate_path)
-    default_index, p_fail_logit, fused, member, kind = set_outputs(gate, data)
-    single = apply_rule(gate.rule, default_index, p_fail_logit, fused).selected
-    return apply_set_rule(gate.set_rule, single, kind, member, data.scores)[0].numpy()
 
 
 def main() -> None:
@@ -60,8 +52,9 @@ def main() -> None:
     n = data.scores.shape[1]
     answers = {"DeRIS union": union, "Query-0": np.arange(n)[None, :] == data.default_index.numpy()[:, None]}
     if args.gate:
-        answers["set re-ranker"] = gate_answers(args.gate, data)
-    ious = {name: answer_ious(sets, chosen) for name, chosen in answers.items()}
+        answers["set re-ranker"] = answers_of("set re-ranker", load_gate(args.gate), data)["set re-ranker"]
+    shown = [name for name in answers if name != "DeRIS union"]  # in the single-target table
+    ious = {name: answer_ious(sets, answers[name]) for name in shown}
     best = data.ious.max(dim=1).values.numpy()
     none_rows, single_rows = defaultdict(list), defaultdict(list)
     for row, (pair_id, targets) in enumerate(zip(data.ids, sets.num_targets.tolist())):
@@ -78,7 +71,6 @@ def main() -> None:
     for kind, rows in sorted(none_rows.items(), key=lambda item: -len(item[1])):
         cells = [f"{100 * float((~answers[name][rows].any(axis=1)).mean()):.1f}" for name in named]
         print(f"| {kind} | {len(rows)} | " + " | ".join(cells) + " |")
-    shown = [name for name in answers if name != "DeRIS union"]
     print("\n| single-target family | pairs | " + " | ".join(f"mIoU {name}" for name in shown) + " | best candidate |")
     print("|---|---|" + "---|" * (len(shown) + 1))
     for kind, rows in sorted(single_rows.items(), key=lambda item: -len(item[1])):
