@@ -104,6 +104,7 @@ class DerisTrainSettings:
     checkpoint_every: int = 500
     num_workers: int = 1
     non_referent_rate: float = 0.15  # gres data only: DeRIS's non-referent sample conversion (its gRefCOCO rate)
+    turn_around_rate: float = 0.0  # gres data only: chance that a directed expression is joined by its turned-around version
 
 
 @dataclass

@@ -206,6 +206,32 @@ def test_non_referent_conversion_borrows_expressions_that_refer_to_nothing_here(
     assert found >= 15
 
 
+def test_turned_around_expressions_reverse_the_direction_and_find_their_referents_again():
+    from deris_rerank.data.refshapes import referents
+    from deris_rerank.data.refshapes.vocabulary import TURNED_AROUND
+    from deris_rerank.training.train_deris import turned_around_expression
+
+    data = RefShapes("train", num_images=120, seed=5, image_size=(160, 160), mode="gres")
+    rng = np.random.default_rng(0)
+    found = {}
+    for image in range(data.num_images):
+        scene = data.scene(image)
+        for expression in scene.expressions:
+            turned = turned_around_expression(expression, scene, data.image_size, rng)
+            if expression.query.direction not in TURNED_AROUND:
+                assert turned is None  # attributes and "in the middle" have nothing to turn
+                continue
+            if turned is None:
+                continue
+            assert turned.query.direction == TURNED_AROUND[expression.query.direction] != expression.query.direction
+            assert frozenset(turned.targets) == referents(turned.query, scene.objects, data.image_size)
+            assert len(turned.targets) != 1 if turned.query.plural else len(turned.targets) <= 1
+            found.setdefault(expression.family, []).append(len(turned.targets))
+    assert set(found) == {"position", "relation", "ordinal", "comparison"}
+    assert found["relation"].count(0) > 0.7 * len(found["relation"])  # a relation turned around mostly refers to nothing
+    assert all(n == 1 for n in found["position"])  # the other side of a unique referent: another object
+
+
 def test_gres_stream_converts_referent_pairs_and_ris_stream_never_does(tmp_path):
     from deris_rerank.training.train_deris import RefShapesStream
 
@@ -221,6 +247,15 @@ def test_gres_stream_converts_referent_pairs_and_ris_stream_never_does(tmp_path)
     kept, converted = referred_counts("gres", 0.0), referred_counts("gres", 1.0)
     assert len(kept) == len(converted) and converted.count(0) > kept.count(0)
     assert all(c == 0 for c in converted)  # rate 1: every pair with referents became a no-target pair
+
+    def texts_per_image(mode, rate, steps=6):
+        data = RefShapes("train", num_images=30, seed=1, image_size=(96, 96), mode=mode)
+        stream = iter(RefShapesStream(data, tokenizer, config, batch_size=64, start_step=0, seed=0, turn_around_rate=rate))
+        return [len(image[-1]) for _ in range(steps) for image in next(stream)]
+
+    assert texts_per_image("ris", 1.0) == texts_per_image("ris", 0.0)  # ris data: no turned-around no-target pairs
+    turned, kept = texts_per_image("gres", 1.0), texts_per_image("gres", 0.0)
+    assert sum(turned) / len(turned) > sum(kept) / len(kept) + 0.3  # gres: turned versions join their images
 
 
 def test_train_deris_fine_tunes_a_whole_model_of_the_same_preset(tmp_path):

@@ -29,6 +29,9 @@ def cmd_train_deris(args: argparse.Namespace) -> int:
     if not tokenizer.is_file():
         train_word_tokenizer(corpus(20_000, seed=args.seed), tokenizer, max_pieces=config.beit3.vocab_size - 2)
     settings = settings_from_args(args, DerisTrainSettings)
+    for flag, rate in (("--non-referent-rate", settings.non_referent_rate), ("--turn-around-rate", settings.turn_around_rate)):
+        if not 0.0 <= rate <= 1.0:
+            raise InputError(f"{flag}: a chance between 0 and 1 is needed, got {rate}")
     device = resolve_device(args.device)
     if args.init and args.init_perception:
         raise InputError("give --init (a whole model to fine-tune) or --init-perception (Swin weights), not both")

@@ -19,6 +19,13 @@ negative" in its code, rate 0.15 in its gRefCOCO configs) replaces a fraction of
 expressions that have referents by an expression of another image; unlike upstream, which
 assumes the borrowed expression refers to nothing, the RefShapes semantics check it
 (`non_referent_expression`), so a converted pair is a true no-target pair.
+
+A second, harder conversion of our own (`turn_around_rate`): an expression with a direction
+("the circle left of the star", "the second square from the top", "the biggest heart") is
+joined in its image by its turned-around version, whose referents the semantics find again
+(`turned_around_expression`): often none, so the image holds a pair with referents and its
+near-miss without, under the same perception, which is where absence was missed most (held-out
+N-acc 17% on relations turned around against 95-100% on colour and style near misses).
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..checkpoints import save_deris
-from ..data.refshapes import Expression, RefShapes, referents
+from ..data.refshapes import Expression, RefShapes, Scene, referents, render_text, turned_around
 from ..deris.config import DerisConfig
 from ..deris.model import DerisModel
 from ..errors import CheckpointError
@@ -59,13 +66,17 @@ class RefShapesStream(IterableDataset):
     Each item is one image: (image_hi [3,S,S], image_lo [3,s,s], instances float [K, S/4, S/4]
     (every object's visible mask), attributes int64 [K, 4] (shape, colour, size, style indices of
     ATTRIBUTE_VOCABULARIES), texts: a list of (tokens [T], padding [T], referred bool [K])).
+    non_referent_rate / turn_around_rate: the two conversions of the module docstring, gres data
+    only (ris data has no no-target pairs to learn from).
     """
 
     def __init__(self, dataset: RefShapes, tokenizer_path: Path, config: DerisConfig, batch_size: int, start_step: int, seed: int,
-                 non_referent_rate: float = 0.0):
+                 non_referent_rate: float = 0.0, turn_around_rate: float = 0.0):
         self.dataset, self.tokenizer_path, self.config = dataset, tokenizer_path, config
         self.batch_size, self.start_step, self.seed = batch_size, start_step, seed
-        self.non_referent_rate = non_referent_rate if dataset.mode == "gres" else 0.0
+        gres = dataset.mode == "gres"
+        self.non_referent_rate = non_referent_rate if gres else 0.0
+        self.turn_around_rate = turn_around_rate if gres else 0.0
 
     def __iter__(self) -> Iterator[List[tuple]]:
         tokenizer = Beit3Tokenizer(self.tokenizer_path)
@@ -91,6 +102,14 @@ class RefShapesStream(IterableDataset):
         for k, expression in enumerate(expressions):
             if expression.targets and self.non_referent_rate > 0 and rng.random() < self.non_referent_rate:
                 expressions[k] = non_referent_expression(self.dataset, index, rng) or expression
+        if self.turn_around_rate > 0:
+            texts = {e.text for e in scene.expressions}
+            for expression in list(expressions):
+                if len(expressions) < max_texts and expression.targets and rng.random() < self.turn_around_rate:
+                    turned = turned_around_expression(expression, scene, self.dataset.image_size, rng)
+                    if turned is not None and turned.text not in texts:
+                        expressions.append(turned)
+                        texts.add(turned.text)
         tokens, padding = tokenizer.encode_batch([e.text for e in expressions], self.config.max_tokens)
         texts = []
         for k, expression in enumerate(expressions):
@@ -113,6 +132,20 @@ def non_referent_expression(dataset: RefShapes, image: int, rng: np.random.Gener
         if referents(expression.query, scene.objects, dataset.image_size) == frozenset():
             return Expression(expression.text, expression.query, ())
     return None
+
+
+def turned_around_expression(expression: Expression, scene: Scene, image_size, rng: np.random.Generator) -> Optional[Expression]:
+    """`expression` with its direction reversed (`turned_around`), worded anew from `rng`, with the
+    referents the semantics find for it in `scene`; None if it has no direction, is ill-posed there,
+    or its referents do not fit its number (a singular expression needs at most one, a plural one
+    none or several)."""
+    query = turned_around(expression.query)
+    if query is None:
+        return None
+    found = referents(query, scene.objects, image_size)
+    if found is None or (len(found) == 1 if query.plural else len(found) > 1):
+        return None
+    return Expression(render_text(query, rng), query, tuple(sorted(found)))
 
 
 def collate(images: List[tuple]) -> Dict[str, object]:
@@ -189,7 +222,8 @@ def train_deris(
         except RuntimeError as exc:
             raise CheckpointError(f"{init_perception} is not a Swin of the {config.name} preset: {str(exc).splitlines()[0]}") from None
         log(f"Swin initialised from {init_perception}")
-    stream = RefShapesStream(dataset, tokenizer_path, config, settings.batch_size, start, settings.seed, settings.non_referent_rate)
+    stream = RefShapesStream(dataset, tokenizer_path, config, settings.batch_size, start, settings.seed,
+                             settings.non_referent_rate, settings.turn_around_rate)
     loader = DataLoader(stream, batch_size=None, collate_fn=collate, num_workers=settings.num_workers,
                         prefetch_factor=4 if settings.num_workers else None)
     autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -18,12 +18,13 @@ Everything is a pure function of (seed, split, image index): each image has its 
 numpy Generators, so samples can be read in any order and give the same data.
 """
 from .dataset import RefShapes, write_refshapes
-from .grammar import corpus, referents, render_text
+from .grammar import corpus, referents, render_text, turned_around
 from .render import MIN_VISIBLE_FRACTION
 from .scene import Descriptor, Expression, Query, Scene, SceneObject
 from .vocabulary import COLOURS, FAMILIES, MODES, SHAPES, SIZES, STYLES
 
 __all__ = [
     "COLOURS", "FAMILIES", "MIN_VISIBLE_FRACTION", "MODES", "SHAPES", "SIZES", "STYLES", "Descriptor", "Expression",
-    "Query", "RefShapes", "Scene", "SceneObject", "corpus", "referents", "render_text", "write_refshapes",
+    "Query", "RefShapes", "Scene", "SceneObject", "corpus", "referents", "render_text", "turned_around",
+    "write_refshapes",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 from .scene import Descriptor, Expression, Query, SceneObject
 from .vocabulary import (
     ATTRIBUTE_FIELDS, CORNERS, COUNT_WORDS, FAMILIES, FIELD_VALUES, OPPOSITE, ORDINAL_WORDS, PLURAL, POSITION_TEMPLATES,
-    RELATION_TEMPLATES, RELATIONS, SHAPES, SIDES, SIZE_WORDS, SIZES, STYLE_WORDS, SUPERLATIVE_WORDS,
+    RELATION_TEMPLATES, RELATIONS, SHAPES, SIDES, SIZE_WORDS, SIZES, STYLE_WORDS, SUPERLATIVE_WORDS, TURNED_AROUND,
 )
 
 _EXTREME_MARGIN = 0.08  # leftmost / topmost / nearest the centre: runner-up at least this much behind
@@ -153,6 +153,16 @@ def _comparison_referents(query: Query, members: List[int], objects: Sequence[Sc
     classes = {i: SIZES.index(objects[i].size) for i in members}
     extreme = max(classes.values()) if query.direction == "biggest" else min(classes.values())
     return frozenset(i for i in members if classes[i] == extreme)
+
+
+def turned_around(query: Query) -> Optional[Query]:
+    """`query` with its direction reversed ("the circle left of the star" -> "... right of the
+    star", "the second square from the left" -> "... from the right", the top left corner -> the
+    bottom right one, biggest <-> smallest); None for a query without a direction (attributes,
+    "in the middle"). Its referents must be found again with `referents`: often none."""
+    if query.direction not in TURNED_AROUND:
+        return None
+    return replace(query, direction=TURNED_AROUND[query.direction])
 
 
 def render_text(query: Query, rng: np.random.Generator) -> str:

@@ -52,4 +52,9 @@ RELATION_TEMPLATES = {
     "below": ("{np} below the {anchor}", "{np} under the {anchor}", "{np} beneath the {anchor}"),
 }
 OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
+# Every direction word reversed (a query "turned around"): sides, relations, diagonal corners, comparisons.
+TURNED_AROUND = {
+    **OPPOSITE, "top": "bottom", "bottom": "top", "top left": "bottom right", "bottom right": "top left",
+    "top right": "bottom left", "bottom left": "top right", "biggest": "smallest", "smallest": "biggest",
+}
 SUPERLATIVE_WORDS = {"biggest": ("biggest", "largest"), "smallest": ("smallest",)}
