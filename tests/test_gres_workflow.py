@@ -94,6 +94,25 @@ def test_set_reranker_trains_evaluates_and_answers_with_sets(gres_caches, tiny_m
     assert all(r.object_count == 1 for r in single.batch([(s.image, s.text) for s in samples[:4]]))
 
 
+def test_train_gate_init_starts_from_a_trained_reranker_and_refuses_another_shape(gres_caches, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    common = ["train-gate", "--arch", "calibrated", "--sets", "--train", str(gres_caches / "train"), "--tune",
+              str(gres_caches / "tune"), "--device", "cpu", "--quiet", *SMALL]
+    assert cli.main([*common, "--out", str(tmp_path / "first")]) == 0
+    assert cli.main([*common, "--seed", "7", "--lr", "0", "--init", str(tmp_path / "first.safetensors"), "--out", str(tmp_path / "kept")]) == 0
+    first, kept = load_file(tmp_path / "first.safetensors"), load_file(tmp_path / "kept.safetensors")
+    assert first.keys() == kept.keys() and all(torch.equal(first[k], kept[k]) for k in first)  # lr 0: the init's weights
+    assert cli.main([*common, "--seed", "7", "--out", str(tmp_path / "fresh")]) == 0
+    fresh = load_file(tmp_path / "fresh.safetensors")
+    assert not all(torch.equal(first[k], fresh[k]) for k in first)
+    capsys.readouterr()
+    wider = [*common[:-len(SMALL)], *SMALL[:1], "64", *SMALL[2:]]
+    assert cli.main([*wider, "--init", str(tmp_path / "first.safetensors"), "--out", str(tmp_path / "wide")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "hidden_dim" in error and not (tmp_path / "wide.safetensors").exists()
+
+
 def test_deris_union_is_the_set_answer_without_a_reranker(tiny_model_dir):
     pipe = Pipeline(deris=tiny_model_dir / "deris", gate=False, device="cpu", answer="set")
     sample = RefShapes("x", num_images=1, seed=4, image_size=(128, 128), mode="gres")[0]

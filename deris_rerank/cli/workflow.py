@@ -149,14 +149,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_train_gate(args: argparse.Namespace) -> int:
     """Train a Venice-H1 gate (or, with --arch calibrated, the calibrated re-ranker) on caches;
     pick its decision settings on the tuning caches."""
-    from ..rerank.files import save_gate
     from ..devices import resolve_device
+    from ..errors import InputError
+    from ..rerank.files import save_gate
     from ..rerank.gate_data import load_gate_data
     from ..workflow.train_gate import choose_rule, train_gate
 
     device = resolve_device(args.device)
     if args.arch == "calibrated":
         return train_calibrated_from_args(args, device)
+    if args.init:
+        raise InputError("--init starts a calibrated re-ranker from a trained one: add --arch calibrated")
     settings = settings_from_args(args, TrainSettings)
     gate = train_gate(load_gate_data([Path(p) for p in args.train]), settings, device=device, log=training_log(args))
     gate.rule, tuned = choose_rule(gate, load_gate_data([Path(p) for p in args.tune]), settings)
@@ -176,12 +179,14 @@ def train_calibrated_from_args(args: argparse.Namespace, device) -> int:
         raise InputError("--retrieval is for single-candidate re-rankers; leave it out with --sets")
     if (settings.set_existence or settings.set_overlap) and not settings.sets:
         raise InputError("--set-existence and --set-overlap are inputs of a set re-ranker: add --sets")
+    init = load_calibrated_for(args.init, "--init")[1] if args.init else None
     train = load_gate_data([Path(p) for p in args.train])
     tune = load_gate_data([Path(p) for p in args.tune], masks=settings.sets)
     tune.require_text()
     if settings.sets:
         tune.require_sets(masks=True)
-    reranker = train_calibrated(train, settings, device=device, log=training_log(args), monitor=None if args.quiet else tune)
+    reranker = train_calibrated(train, settings, device=device, log=training_log(args), monitor=None if args.quiet else tune,
+                                init=init)
     if settings.retrieval:
         from ..workflow.retrieval import choose_retrieval
 
@@ -324,6 +329,8 @@ def add_commands(commands) -> None:
     train.add_argument("--train", nargs="+", required=True, help="training cache split folders")
     train.add_argument("--tune", nargs="+", required=True, help="tuning cache split folders (not the evaluation split)")
     train.add_argument("--out", required=True, help="output path (OUT.safetensors + OUT.json)")
+    train.add_argument("--init", help="--arch calibrated: start from this trained calibrated re-ranker's weights (same "
+                       "sizes and inputs; e.g. the re-ranker of the model a DeRIS was fine-tuned from), not from random ones")
     train.add_argument("--arch", default="venice", choices=["venice", "calibrated"],
                        help="venice: the released Venice-H1 architecture (default); calibrated: the calibrated "
                        "re-ranker, which also reads the expression (needs caches with the text-aware fields)")

@@ -113,11 +113,14 @@ def train_calibrated(
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = print,
     monitor: Optional[GateData] = None,
+    init: Optional[CalibratedReranker] = None,
 ) -> CalibratedReranker:
     """Train a calibrated re-ranker on `train` (no operating-point tuning: see `choose_operating_points`).
 
     monitor: optional data (the tuning split) whose argmax-fused mIoU gain is logged each epoch
-    (for watching only: nothing is chosen from it here).
+    (for watching only: nothing is chosen from it here). init: a trained re-ranker whose weights
+    training starts from (its configuration must be the one `settings` and `train` give, else
+    InputError); its retrieval memory is not kept.
     """
     check_point_settings(settings)  # before training, not after it
     device = torch.device(device)
@@ -127,7 +130,14 @@ def train_calibrated(
         sets = train.require_sets()
         members, kinds = sets.membership(train.inter).float(), sets.kind
         has_target = kinds > 0
-    reranker = build_reranker(train, settings).to(device)
+    reranker = build_reranker(train, settings)
+    if init is not None:
+        if init.config != reranker.config:
+            differing = [f.name for f in dataclasses.fields(init.config) if getattr(init.config, f.name) != getattr(reranker.config, f.name)]
+            raise InputError(f"--init: that re-ranker differs from the one these settings and caches make in {', '.join(differing)}; "
+                             "give the settings it was trained with")
+        reranker.load_state_dict({k: v for k, v in init.state_dict().items() if k in reranker.state_dict()})
+    reranker = reranker.to(device)
     fusion = [reranker.fusion_deris, reranker.fusion_calibrated]
     others = [p for p in reranker.parameters() if all(p is not f for f in fusion)]
     optimizer = torch.optim.AdamW(
